@@ -1,0 +1,3 @@
+from rapc.cli import main
+
+main(prog_name="rapc")

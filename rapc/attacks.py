@@ -1,0 +1,121 @@
+"""L-inf attacks in pixel space, for adversarial training and evaluation.
+
+FGSM with random start (fast adversarial training) is PGD with one step of
+1.25*eps, so one loop serves both. Attacks never move BatchNorm running
+statistics: the paper's code let its 10-40 attack forward passes per batch
+pollute them, so the model that was evaluated was not the one trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rapc.config import AttackConfig
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm keeps normalizing with batch statistics in train mode, but its running stats stay put.
+
+    momentum=0 makes the running-average update a no-op; num_batches_tracked is restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    random_start: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Projected gradient ascent on the cross-entropy inside the eps-ball around x, clamped to [0, 1].
+
+    ``autocast_dtype`` runs the forward passes in mixed precision (training); the
+    loss is taken in float32 so the sign of the input gradient survives bf16/fp16.
+    """
+    if eps == 0:
+        return x.detach()
+    x = x.detach()
+    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    delta = (x + delta).clamp_(0, 1) - x
+    autocast = (
+        torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    )
+    with frozen_bn_stats(model):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with autocast:
+                logits = model(x + delta)
+            loss = F.cross_entropy(logits.float(), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = (delta + step * grad.sign()).clamp_(-eps, eps)
+                delta = (x + delta).clamp_(0, 1) - x
+    return (x + delta).detach()
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The adversarial batch for an attack config ('none' returns x)."""
+    if attack.method == "none":
+        return x
+    steps = 1 if attack.method == "fgsm" else attack.steps
+    return pgd(model, x, y, eps=attack.eps, step=attack.step_size, steps=steps, random_start=attack.random_start, autocast_dtype=autocast_dtype)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
+    """Per-example: still classified correctly after every restart of the attack (worst case over restarts)."""
+    correct = _correct(model, x, y)
+    if attack.method == "none":
+        return correct
+    for _ in range(attack.restarts):
+        alive = correct.nonzero().squeeze(1)
+        if alive.numel() == 0:
+            break
+        x_adv = perturb(model, x[alive], y[alive], attack)
+        correct[alive] = _correct(model, x_adv, y[alive])
+    return correct
+
+
+def evaluate(model: nn.Module, data: DataLoader, attack: AttackConfig | None, device: torch.device) -> dict[str, float]:
+    """Clean and (if an attack is given) robust top-1 accuracy, in eval mode and float32."""
+    was_training = model.training
+    model.eval()
+    clean = robust = total = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in data:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        clean = clean + _correct(model, x, y).sum()
+        if attack is not None:
+            robust = robust + robust_correct(model, x, y, attack).sum()
+        total = total + y.numel()
+    model.train(was_training)
+    n = max(int(total), 1)
+    result = {"clean": int(clean) / n}
+    if attack is not None:
+        result["robust"] = int(robust) / n
+    return result

@@ -1,0 +1,1 @@
+"""Latency and robust-accuracy benchmarks (the `rapc bench` command)."""

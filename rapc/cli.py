@@ -1,0 +1,86 @@
+"""The command line: parse, validate, call one library function, print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from rapc.config import DEFAULT_PRESET, load_config, presets
+from rapc.errors import RapcError
+from rapc.progress import RichReporter
+
+
+class RapcGroup(click.Group):
+    """Turns user mistakes (RapcError) into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RapcError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=RapcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rapc")
+def main() -> None:
+    """rapc: robust, small, fast CNNs. Adversarial ADMM pruning (Ye et al., ICCV 2019),
+    physical shrinking with torch-pruning, and deployment checks."""
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _table(dense: dict, compressed: dict, eps: float) -> Table:
+    table = Table(title="dense vs compressed (test split)")
+    table.add_column("")
+    for name in ("dense", "compressed", "ratio"):
+        table.add_column(name, justify="right")
+    rows = [
+        ("params", f"{dense['params']:,}", f"{compressed['params']:,}", _ratio(dense["params"], compressed["params"])),
+        ("MACs", f"{dense['macs']:,}", f"{compressed['macs']:,}", _ratio(dense["macs"], compressed["macs"])),
+        ("file", f"{dense['file_bytes'] / 1024:.0f} KiB", f"{compressed['file_bytes'] / 1024:.0f} KiB", _ratio(dense["file_bytes"], compressed["file_bytes"])),
+        ("clean acc", f"{dense['clean']:.2%}", f"{compressed['clean']:.2%}", ""),
+        (f"PGD acc (eps {eps:g})", f"{dense['robust']:.2%}", f"{compressed['robust']:.2%}", ""),
+        ("zero weights", f"{dense['sparsity']:.1%}", f"{compressed['sparsity']:.1%}", ""),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@main.command()
+@click.option("--config", "-c", default=None, metavar="FILE|PRESET",
+              help=f"YAML config file or preset name (default {DEFAULT_PRESET}; presets: {', '.join(presets())}).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config value, e.g. --set pruning.ratio=0.75 --set stages.admm.epochs=10 (repeatable).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default runs/<preset or config name>).")
+def compress(config: str | None, overrides: tuple[str, ...], out: str | None) -> None:
+    """Adversarial ADMM pruning -> hard prune -> masked adversarial retraining -> physical shrink.
+
+    Writes the run directory: resolved config.yaml, metrics.jsonl, stage checkpoints,
+    dense/ and model/ (architecture JSON + safetensors), summary.json.
+    """
+    from rapc.pipeline.compress import compress as run_compress
+
+    cfg = load_config(config, overrides)
+    out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
+    console = Console(stderr=True)
+    console.print(f"rapc compress: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
+                  f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
+    result = run_compress(cfg, out, RichReporter(console))
+    Console().print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
+    click.echo(f"run directory: {result.run}")
+
+
+if __name__ == "__main__":
+    main()

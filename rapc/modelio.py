@@ -1,0 +1,117 @@
+"""The saved-model format: no pickles, ever.
+
+A model directory holds ``architecture.json`` (registry builder, its arguments,
+the input shape, and torch-pruning's pruning history) and ``weights.safetensors``.
+Loading rebuilds the dense architecture, replays the pruning history on it and
+loads the weights; any mismatch names the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rapc.errors import RapcError
+from rapc.models import create_model
+
+FORMAT = "rapc-model/1"
+ARCHITECTURE = "architecture.json"
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class Architecture:
+    builder: str
+    args: dict[str, Any]
+    input_shape: list[int]  # [channels, height, width] of one image
+    pruning_history: list = field(default_factory=list)
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        return torch.rand(batch, *self.input_shape)
+
+    def build(self, allow_import: bool = False) -> nn.Module:
+        """The architecture with its pruning replayed, randomly initialised."""
+        model = create_model(self.builder, allow_import=allow_import, **self.args)
+        if self.pruning_history:
+            from rapc.pipeline.coupling import build_graph
+
+            try:
+                build_graph(model, self.example()).load_pruning_history(self.pruning_history)
+            except (KeyError, IndexError, AttributeError, RuntimeError) as exc:
+                raise RapcError(f"pruning history does not fit the {self.builder} architecture ({exc})") from None
+        return model
+
+
+def save_model(model: nn.Module, architecture: Architecture, directory: Path) -> Path:
+    from rapc.rundir import atomic_write
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    record = {"format": FORMAT, **asdict(architecture)}
+    atomic_write(directory / ARCHITECTURE, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    return directory
+
+
+def read_architecture(directory: Path) -> Architecture:
+    path = directory / ARCHITECTURE
+    if not path.is_file():
+        raise RapcError(f"{directory} holds no saved model ({ARCHITECTURE} is missing)")
+    try:
+        record = json.loads(path.read_text())
+        if record.pop("format", None) != FORMAT:
+            raise RapcError(f"{path}: not a {FORMAT} architecture record")
+        return Architecture(**record)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise RapcError(f"{path}: unreadable architecture record ({exc})") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RapcError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RapcError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into ``model``; every missing, extra or mis-shaped tensor is named."""
+    weights = _read_weights(path)
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise RapcError(f"{path}: tensor {name} is missing")
+        if weights[name].shape != tensor.shape:
+            raise RapcError(f"{path}: tensor {name} has shape {list(weights[name].shape)}, the architecture expects {list(tensor.shape)}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise RapcError(f"{path}: tensor {extra[0]} is not part of the architecture")
+    model.load_state_dict(weights)
+    return model
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a run directory whose compressed model is in ``model/``."""
+    path = Path(path)
+    if not path.exists():
+        raise RapcError(f"{path} does not exist")
+    if (path / ARCHITECTURE).is_file():
+        return path
+    if (path / "model" / ARCHITECTURE).is_file():
+        return path / "model"
+    raise RapcError(f"{path} holds no saved model (no {ARCHITECTURE} there or in {path / 'model'})")
+
+
+def load_model(path: str | Path, *, allow_import: bool = False) -> nn.Module:
+    """The runnable model saved in ``path`` (a model dir, or a run dir for its compressed model), in eval mode."""
+    directory = resolve_model_dir(path)
+    model = read_architecture(directory).build(allow_import=allow_import)
+    return load_weights(model, directory / WEIGHTS).eval()

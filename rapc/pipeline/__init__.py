@@ -1,0 +1,1 @@
+"""The compress stage: schemes (which weights a layer keeps), ADMM (when), shrink (removal)."""

@@ -1,0 +1,34 @@
+"""Frozen masks for masked retraining: pruned weights stay exactly zero.
+
+Gradients are masked before the optimizer step, so momentum and Adam moments of
+pruned weights stay zero and cannot resurrect them; weights are masked again
+after the step, so weight decay or numerical drift cannot either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class MaskSet:
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self.pairs = [(params[name], mask.to(params[name].device, params[name].dtype)) for name, mask in masks.items()]
+        self.masks = dict(masks)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for param, mask in self.pairs:
+            param.mul_(mask)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for param, mask in self.pairs:
+            if param.grad is not None:
+                param.grad.mul_(mask)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mask.cpu() for name, mask in self.masks.items()}

@@ -1,0 +1,130 @@
+"""Which layers are pruned, by which scheme, and the masks of their projection.
+
+One ``Projector`` is built from the dense model and the pruning config; ADMM's
+Z-update calls it on W + U and the hard prune on W. Filter and channel layers
+are projected per coupling group (see coupling.py); the other schemes per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from rapc.config import PruningConfig
+from rapc.pipeline.coupling import PRUNABLE, ChannelGroup, Slot, build_graph, channel_groups, check_supported, output_layers
+from rapc.pipeline.schemes import SCHEMES, top_mask
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    scheme: str
+    ratio: float
+
+
+def layer_plans(model: nn.Module, cfg: PruningConfig) -> dict[str, LayerPlan]:
+    """Scheme and ratio per prunable layer: the default, then every matching rule in order; keep_dense wins."""
+    plans = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE) or any(fnmatch(name, p) for p in cfg.keep_dense):
+            continue
+        scheme, ratio = cfg.scheme, cfg.ratio
+        for rule in cfg.layers:
+            if fnmatch(name, rule.pattern):
+                scheme = rule.scheme or scheme
+                ratio = rule.ratio if rule.ratio is not None else ratio
+        plans[name] = LayerPlan(scheme, ratio)
+    return plans
+
+
+@dataclass(frozen=True)
+class GroupUnit:
+    """Rank a coupling group's channels jointly over its member slots and keep the same ones everywhere."""
+
+    group: ChannelGroup
+    slots: tuple[Slot, ...]
+    attached: tuple[Slot, ...]
+    ratio: float
+
+    def masks(self, weights: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Masks:
+        scores = sum(s.gather(weights[s.param], self.group.size) for s in self.slots)
+        keep = top_mask(scores, self.ratio)
+        out = {s.param: s.expand(keep, weights[s.param]) for s in self.slots}
+        if params is not None:
+            out.update({a.param: a.expand(keep, params[a.param]) for a in self.attached})
+        return out
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    param: str
+    scheme: str
+    ratio: float
+    options: dict = field(default_factory=dict)
+
+    def masks(self, weights: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Masks:
+        return {self.param: SCHEMES.get(self.scheme)(weights[self.param], self.ratio, **self.options)}
+
+
+class Projector:
+    """Projection onto the pruning config's sparsity set, for every pruned weight of one model."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: PruningConfig) -> None:
+        check_supported(model)
+        outputs = output_layers(model, example)
+        self.groups = channel_groups(build_graph(model, example), model, ignored=outputs)
+        self.plans = layer_plans(model, cfg)
+        self.notes: list[str] = []
+        self.units: list[GroupUnit | LayerUnit] = []
+        grouped: set[str] = set()
+        for group in self.groups:
+            for scheme, slots in (("filter", group.producers), ("channel", group.consumers)):
+                members = tuple(s for s in slots if self._scheme(s.layer) == scheme)
+                if not members:
+                    continue
+                layers = {s.layer for s in members}
+                whole = layers >= {s.layer for s in slots}
+                attached = tuple(a for a in group.attached if scheme == "filter" and (a.owner in layers or (a.owner is None and whole)))
+                self.units.append(GroupUnit(group, members, attached, min(self.plans[n].ratio for n in layers)))
+                grouped |= {f"{n}/{scheme}" for n in layers}
+        for name, plan in self.plans.items():
+            if plan.scheme in ("filter", "channel") and f"{name}/{plan.scheme}" in grouped:
+                continue
+            weight = model.get_submodule(name).weight
+            if plan.scheme == "filter" and name in outputs:
+                self.notes.append(f"{name}: output layer, its filters are the classes; left dense")
+            elif plan.scheme == "nm" and weight.shape[1] % cfg.nm[1]:
+                self.notes.append(f"{name}: {weight.shape[1]} input channels, not a multiple of {cfg.nm[1]}; left dense")
+            else:
+                if plan.scheme == "channel":
+                    self.notes.append(f"{name}: input channels come from the network input; zeroed, not removable")
+                options = {"n": cfg.nm[0], "m": cfg.nm[1]} if plan.scheme == "nm" else {}
+                self.units.append(LayerUnit(f"{name}.weight", plan.scheme, plan.ratio, options))
+
+    def _scheme(self, layer: str) -> str | None:
+        plan = self.plans.get(layer)
+        return plan.scheme if plan else None
+
+    @property
+    def targets(self) -> list[str]:
+        """Names of the weights that are projected (ADMM's Z and U live on these)."""
+        names = []
+        for unit in self.units:
+            names += [s.param for s in unit.slots] if isinstance(unit, GroupUnit) else [unit.param]
+        return names
+
+    def masks(self, weights: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Masks:
+        """Boolean keep-masks for the targets, computed on ``weights`` (W, or W + U for ADMM).
+
+        With ``params`` (all named parameters) the masks also cover the biases and BatchNorm
+        scale/shift of pruned filters, so a pruned channel emits exactly zero.
+        """
+        masks: Masks = {}
+        for unit in self.units:
+            masks.update(unit.masks(weights, params))
+        return masks

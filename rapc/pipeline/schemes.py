@@ -1,0 +1,85 @@
+"""Pruning schemes as projections: a pure function from a weight and a ratio to the mask it keeps.
+
+A conv weight is [out, in, kh, kw] and its GEMM view [out, in*kh*kw]; a linear
+weight is [out, in] and follows the same rules. ``ratio`` is the fraction of
+units pruned; at least one unit is always kept, so no layer is cut in two.
+Projecting onto the scheme's set is keeping the largest-norm units, which is
+what ADMM's Z-update needs: Z = W * project(W, ratio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rapc.registry import Registry
+
+Scheme = Callable[..., torch.Tensor]
+SCHEMES: Registry[Scheme] = Registry("pruning scheme")
+
+
+def n_keep(n: int, ratio: float) -> int:
+    return min(n, max(1, int(round((1.0 - ratio) * n))))
+
+
+def top_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the n_keep(len, ratio) largest scores (ties broken by position)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[scores.topk(n_keep(scores.numel(), ratio), sorted=False).indices] = True
+    return keep
+
+
+def _along(keep: torch.Tensor, dim: int, weight: torch.Tensor) -> torch.Tensor:
+    shape = [1] * weight.dim()
+    shape[dim] = -1
+    return keep.view(shape).expand_as(weight)
+
+
+def filter_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each output filter (row of the GEMM view)."""
+    return weight.detach().flatten(1).pow(2).sum(1)
+
+
+def channel_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each input channel's slice W[:, c]."""
+    return weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
+
+
+@SCHEMES.register("filter")
+def filter_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep whole filters: removable as output channels."""
+    return _along(top_mask(filter_scores(weight), ratio), 0, weight)
+
+
+@SCHEMES.register("channel")
+def channel_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep whole input channels: removable as input channels."""
+    return _along(top_mask(channel_scores(weight), ratio), 1, weight)
+
+
+@SCHEMES.register("column")
+def column_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep whole GEMM columns (in, kh, kw) across all filters: the paper's column pruning."""
+    gemm = weight.detach().flatten(1)
+    keep = top_mask(gemm.pow(2).sum(0), ratio)
+    return keep.expand_as(gemm).reshape(weight.shape)
+
+
+@SCHEMES.register("irregular")
+def irregular_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the largest-magnitude weights anywhere in the layer."""
+    return top_mask(weight.detach().abs().flatten(), ratio).view_as(weight)
+
+
+@SCHEMES.register("nm")
+def nm_mask(weight: torch.Tensor, ratio: float = 0.5, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep the n largest of every m consecutive input channels at each (out, kh, kw): the
+    layout of TensorRT's 2:4 sparse kernels. The ratio is implied by n:m and ignored."""
+    if weight.shape[1] % m:
+        raise ValueError(f"nm: input dimension {weight.shape[1]} is not a multiple of {m}")
+    moved = weight.detach().abs().movedim(1, -1)  # [out, kh, kw, in]
+    blocks = moved.reshape(*moved.shape[:-1], -1, m)
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    keep.scatter_(-1, blocks.topk(n, dim=-1, sorted=False).indices, True)
+    return keep.reshape(moved.shape).movedim(-1, 1)
