@@ -48,11 +48,14 @@ def pgd(
     steps: int,
     random_start: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    keep_fooled: bool = False,
 ) -> torch.Tensor:
     """Projected gradient ascent on the cross-entropy inside the eps-ball around x, clamped to [0, 1].
 
     ``autocast_dtype`` runs the forward passes in mixed precision (training); the
     loss is taken in float32 so the sign of the input gradient survives bf16/fp16.
+    ``keep_fooled`` (evaluation) freezes an example at the first iterate that fools
+    the model, so more steps can only lower robust accuracy.
     """
     if eps == 0:
         return x.detach()
@@ -70,17 +73,26 @@ def pgd(
             loss = F.cross_entropy(logits.float(), y)
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta = (delta + step * grad.sign()).clamp_(-eps, eps)
+                move = step * grad.sign()
+                if keep_fooled:
+                    move *= (logits.argmax(1) == y).view(-1, *[1] * (x.dim() - 1))
+                delta = (delta + move).clamp_(-eps, eps)
                 delta = (x + delta).clamp_(0, 1) - x
     return (x + delta).detach()
 
 
-def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def perturb(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
+    autocast_dtype: torch.dtype | None = None, keep_fooled: bool = False,
+) -> torch.Tensor:
     """The adversarial batch for an attack config ('none' returns x)."""
     if attack.method == "none":
         return x
     steps = 1 if attack.method == "fgsm" else attack.steps
-    return pgd(model, x, y, eps=attack.eps, step=attack.step_size, steps=steps, random_start=attack.random_start, autocast_dtype=autocast_dtype)
+    return pgd(
+        model, x, y, eps=attack.eps, step=attack.step_size, steps=steps,
+        random_start=attack.random_start, autocast_dtype=autocast_dtype, keep_fooled=keep_fooled,
+    )
 
 
 @torch.no_grad()
@@ -97,7 +109,7 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
         alive = correct.nonzero().squeeze(1)
         if alive.numel() == 0:
             break
-        x_adv = perturb(model, x[alive], y[alive], attack)
+        x_adv = perturb(model, x[alive], y[alive], attack, keep_fooled=True)
         correct[alive] = _correct(model, x_adv, y[alive])
     return correct
 

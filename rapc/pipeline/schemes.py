@@ -25,8 +25,9 @@ def n_keep(n: int, ratio: float) -> int:
 
 def top_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean mask of the n_keep(len, ratio) largest scores (ties broken by position)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[scores.topk(n_keep(scores.numel(), ratio), sorted=False).indices] = True
+    keep[order[: n_keep(scores.numel(), ratio)]] = True
     return keep
 
 

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from rapc.config import LayerRule, PruningConfig
+from rapc.models import create_model
+from rapc.pipeline.projection import Projector, layer_plans
+
+
+def _resnet(width: int = 2):
+    torch.manual_seed(0)
+    return create_model("resnet18", num_classes=10, in_channels=3, image_size=16, width=width, mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def _lenet(width: int = 2, size: int = 8):
+    torch.manual_seed(0)
+    return create_model("lenet", num_classes=10, in_channels=1, image_size=size, width=width, mean=[0.5], std=[0.25])
+
+
+def _kept_filters(mask: torch.Tensor) -> set[int]:
+    return set(mask.flatten(1).any(1).nonzero().squeeze(1).tolist())
+
+
+def test_residual_coupled_filters_are_pruned_at_the_same_indices():
+    model = _resnet()
+    projector = Projector(model, torch.rand(2, 3, 16, 16), PruningConfig(scheme="filter", ratio=0.5))
+    params = dict(model.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets})
+    # The stem conv and every block's second conv in stage 1 feed one chain of residual adds.
+    coupled = ["conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"]
+    kept = [_kept_filters(masks[n]) for n in coupled]
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 4  # 8 channels at w=2, half kept
+    # Stage 2 is tied to its downsample conv.
+    assert _kept_filters(masks["layer2.0.downsample.0.weight"]) == _kept_filters(masks["layer2.0.conv2.weight"])
+    # An uncoupled conv is ranked on its own.
+    assert len(_kept_filters(masks["layer1.0.conv1.weight"])) == 4
+
+
+def test_group_ranking_uses_the_joint_norm_of_all_coupled_filters():
+    model = _resnet()
+    with torch.no_grad():
+        for name in ("conv1", "layer1.0.conv2", "layer1.1.conv2"):
+            model.get_submodule(name).weight.fill_(0.01)
+        model.layer1[1].conv2.weight[5].fill_(1.0)  # channel 5 is large in one member only
+        model.conv1.weight[2].fill_(1.0)
+    projector = Projector(model, torch.rand(2, 3, 16, 16), PruningConfig(scheme="filter", ratio=0.75))
+    params = dict(model.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets})
+    assert _kept_filters(masks["layer1.0.conv2.weight"]) == {2, 5}
+
+
+def test_hard_prune_masks_zero_bias_and_batchnorm_of_pruned_filters():
+    model = _resnet()
+    projector = Projector(model, torch.rand(2, 3, 16, 16), PruningConfig(scheme="filter", ratio=0.5))
+    params = dict(model.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets}, params)
+    kept = _kept_filters(masks["layer1.0.conv1.weight"])
+    for name in ("layer1.0.bn1.weight", "layer1.0.bn1.bias"):
+        assert set(masks[name].nonzero().squeeze(1).tolist()) == kept
+    assert set(masks["bn1.bias"].nonzero().squeeze(1).tolist()) == _kept_filters(masks["conv1.weight"])
+
+    lenet = _lenet()
+    projector = Projector(lenet, torch.rand(2, 1, 8, 8), PruningConfig(scheme="filter", ratio=0.5))
+    params = dict(lenet.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets}, params)
+    assert set(masks["conv2.bias"].nonzero().squeeze(1).tolist()) == _kept_filters(masks["conv2.weight"])
+
+
+def test_output_layer_is_never_filter_pruned_and_the_note_says_so():
+    model = _lenet()
+    projector = Projector(model, torch.rand(2, 1, 8, 8), PruningConfig(scheme="filter", ratio=0.5))
+    assert "fc2.weight" not in projector.targets
+    assert any(note.startswith("fc2: output layer") for note in projector.notes)
+
+
+def test_channel_scheme_on_a_linear_after_flatten_prunes_whole_conv_channels():
+    model = _lenet(width=2, size=8)  # conv2 has 8 channels of 2x2 = 32 fc1 inputs
+    projector = Projector(model, torch.rand(2, 1, 8, 8), PruningConfig(scheme="channel", ratio=0.5, layers=[LayerRule(pattern="conv*", scheme="irregular")]))
+    params = dict(model.named_parameters())
+    mask = projector.masks({n: params[n] for n in projector.targets})["fc1.weight"]
+    columns = mask.any(0).view(8, 4)  # per conv2 channel, its 4 flattened positions
+    assert (columns.all(1) | ~columns.any(1)).all()  # all or nothing per channel
+    assert int(columns.all(1).sum()) == 4
+
+
+def test_rules_override_by_glob_and_keep_dense_wins():
+    model = _resnet()
+    cfg = PruningConfig(
+        scheme="filter", ratio=0.5,
+        layers=[LayerRule(pattern="layer4.*", ratio=0.75), LayerRule(pattern="layer3.*conv1", scheme="column")],
+        keep_dense=["layer1.*", "fc"],
+    )
+    plans = layer_plans(model, cfg)
+    assert plans["layer4.0.conv1"].ratio == 0.75 and plans["layer4.0.conv1"].scheme == "filter"
+    assert plans["layer3.1.conv1"].scheme == "column" and plans["layer3.1.conv2"].scheme == "filter"
+    assert not any(name.startswith("layer1.") for name in plans) and "fc" not in plans
+
+
+def test_nm_layers_with_too_few_input_channels_stay_dense_with_a_note():
+    model = _lenet()
+    projector = Projector(model, torch.rand(2, 1, 8, 8), PruningConfig(scheme="nm"))
+    assert "conv1.weight" not in projector.targets and "conv2.weight" in projector.targets
+    assert any(note.startswith("conv1: 1 input channels") for note in projector.notes)
+    params = dict(model.named_parameters())
+    mask = projector.masks({n: params[n] for n in projector.targets})["conv2.weight"]
+    assert mask.float().mean() == pytest.approx(0.5)

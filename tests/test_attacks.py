@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from rapc.attacks import evaluate, frozen_bn_stats, perturb, pgd, robust_correct
+from rapc.config import AttackConfig
+from rapc.data import loader
+from rapc.models import create_model
+
+
+def _accuracy(model, x, y, attack: AttackConfig, seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    return float(robust_correct(model, x, y, attack).float().mean())
+
+
+def test_trained_model_is_accurate_on_clean_digits(trained_lenet, digits_batch):
+    x, y = digits_batch
+    assert _accuracy(trained_lenet, x, y, AttackConfig(method="none")) > 0.9
+
+
+def test_pgd_lowers_accuracy_more_than_fgsm(trained_lenet, digits_batch):
+    x, y = digits_batch
+    clean = _accuracy(trained_lenet, x, y, AttackConfig(method="none"))
+    fgsm = _accuracy(trained_lenet, x, y, AttackConfig(method="fgsm", eps=0.1))
+    pgd20 = _accuracy(trained_lenet, x, y, AttackConfig(method="pgd", eps=0.1, steps=20, step=0.01))
+    assert fgsm < clean - 0.1
+    assert pgd20 < fgsm - 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_more_steps_or_restarts_never_raise_robust_accuracy(trained_lenet, digits_batch, seed):
+    x, y = digits_batch
+    figures = [
+        _accuracy(trained_lenet, x, y, AttackConfig(method="pgd", eps=0.05, steps=steps, step=0.01, restarts=restarts), seed)
+        for steps, restarts in [(2, 1), (5, 1), (10, 1), (10, 3)]
+    ]
+    assert figures == sorted(figures, reverse=True), figures
+    assert figures[-1] < figures[0]
+
+
+def test_adversarial_examples_stay_in_the_eps_ball_and_pixel_range(trained_lenet, digits_batch):
+    x, y = digits_batch
+    x_adv = pgd(trained_lenet, x, y, eps=0.1, step=0.05, steps=5)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv != x).any()
+
+
+def test_attack_does_not_move_batchnorm_running_statistics():
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, in_channels=1, image_size=8, width=1, mean=[0.5], std=[0.25]).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    perturb(model, x, y, AttackConfig(method="pgd", eps=0.1, steps=5))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training
+    model(x)  # an ordinary training forward still updates them
+    assert not torch.equal(before["bn1.running_mean"], model.state_dict()["bn1.running_mean"])
+
+
+def test_frozen_bn_stats_restores_momentum():
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+    with frozen_bn_stats(bn):
+        bn(torch.rand(4, 3, 2, 2))
+    assert bn.momentum == 0.3 and torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def test_evaluate_reports_clean_and_robust_accuracy_in_eval_mode(trained_lenet, digits):
+    trained_lenet.train()
+    result = evaluate(trained_lenet, loader(digits.test, 180, shuffle=False), AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
+    assert trained_lenet.training  # mode restored
+    trained_lenet.eval()
+    assert result["clean"] > 0.9
+    assert result["robust"] < result["clean"] - 0.2

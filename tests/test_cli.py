@@ -1,0 +1,119 @@
+"""The real console script, end to end, in a subprocess."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rapc
+from click.testing import CliRunner
+from rapc.cli import main
+
+RAPC = [shutil.which("rapc") or str(Path(sys.executable).with_name("rapc"))]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAPC, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    return out, _run("compress", "-c", "digits-lenet-filter", "--out", str(out))
+
+
+def test_compress_runs_end_to_end_on_digits(digits_run):
+    out, proc = digits_run
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/admm.pt", "checkpoints/retrain.pt",
+                 "dense/architecture.json", "dense/weights.safetensors", "model/architecture.json", "model/weights.safetensors"):
+        assert (out / name).is_file(), name
+    assert "dense vs compressed" in proc.stdout and "PGD acc" in proc.stdout
+
+
+def test_compress_writes_one_metrics_line_per_epoch_with_admm_residuals(digits_run):
+    out, _ = digits_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records]
+    assert stages == ["pretrain"] * 6 + ["admm"] * 4 + ["hard_prune"] + ["retrain"] * 3
+    admm = [r for r in records if r["stage"] == "admm"]
+    assert set(admm[0]["residuals"]) == {"conv1", "conv2", "fc1"}
+    assert admm[-1]["rho"] > admm[0]["rho"]
+    retrain = [r for r in records if r["stage"] == "retrain"]
+    assert all(r["sparsity"] == pytest.approx(retrain[0]["sparsity"]) and r["sparsity"] > 0.3 for r in retrain)
+
+
+def test_compressed_model_is_smaller_and_still_robust(digits_run):
+    out, _ = digits_run
+    summary = json.loads((out / "summary.json").read_text())
+    dense, compressed = summary["dense"], summary["compressed"]
+    assert compressed["macs"] < dense["macs"] / 3 and compressed["params"] < dense["params"] / 3
+    assert compressed["file_bytes"] < dense["file_bytes"] / 3
+    assert compressed["clean"] > 0.8
+    assert 0.2 < compressed["robust"] < compressed["clean"]
+    assert summary["shrink"]["max_abs_diff"] < 1e-4
+
+
+def test_load_model_returns_the_runnable_shrunk_model(digits_run, digits_batch):
+    out, _ = digits_run
+    model = rapc.load_model(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == summary["compressed"]["params"]
+    x, y = digits_batch
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    assert accuracy == pytest.approx(summary["compressed"]["clean"], abs=1e-6)
+
+
+def test_resolved_config_is_written_and_reloadable(digits_run):
+    out, _ = digits_run
+    proc = _run("compress", "-c", str(out / "config.yaml"), "--set", "stages.pretrain.epochs=0", "--set", "stages.admm.epochs=0",
+                "--set", "stages.retrain.epochs=0", "--set", f"stages.start_from={out}", "--out", str(out.parent / "again"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out.parent / "again" / "summary.json").read_text())["dense"]["clean"] == pytest.approx(
+        json.loads((out / "summary.json").read_text())["dense"]["clean"])
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--set", "pruning.ratio=1.5"], "pruning.ratio"),
+        (["--set", "attack.eval.eps=-1"], "attack.eval.eps"),
+        (["--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
+        (["--set", "model.name=alexnet"], "unknown model 'alexnet'"),
+        (["--set", "model.name=os:system"], "allow_import"),
+        (["-c", "nope.yaml"], "does not exist"),
+        (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "set data.download=true"),
+        (["--set", "stages.start_from=/nonexistent"], "does not exist"),
+        (["--set", "model.name=resnet18", "--set", "data.name=digits", "--set", "model.kwargs={depth: 3}"], "bad arguments"),
+        (["--set", "device=cuda:0"], "no CUDA GPU") if not torch.cuda.is_available() else (["--set", "device=tpu"], "not a device"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path, args, words):
+    """In-process through the same click group as the console script (the subprocess case is below)."""
+    result = CliRunner().invoke(main, ["compress", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_console_script_reports_a_bad_config_and_an_unwritable_directory_without_traceback(tmp_path):
+    proc = _run("compress", "--set", "pruning.ratio=1.5")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "pruning.ratio" in proc.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = _run("compress", "-c", "digits-lenet-filter", "--out", str(blocker / "run"))
+    assert proc.returncode == 2 and "cannot write the run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_explains_every_option():
+    top = _run("--help")
+    assert top.returncode == 0 and "compress" in top.stdout
+    sub = _run("compress", "--help")
+    for option in ("--config", "--set", "--out", "mnist-lenet-filter", "KEY=VALUE"):
+        assert option in sub.stdout

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from rapc.config import DataConfig
+from rapc.data import load_data
+from rapc.errors import RapcError
+
+
+def test_mnist5k_is_the_embedded_real_mnist_with_a_fixed_test_split():
+    splits = load_data(DataConfig(name="mnist5k", val_fraction=0.1), seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3600, 400, 1000)
+    x, y = splits.test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    labels = torch.stack([splits.test[i][1] for i in range(len(splits.test))])
+    assert labels.bincount().min() > 70  # all ten digits, roughly balanced
+    other_seed = load_data(DataConfig(name="mnist5k", val_fraction=0.1), seed=1)
+    assert torch.equal(other_seed.test.tensors[0], splits.test.tensors[0])  # the test split never moves
+    assert not torch.equal(other_seed.val.tensors[0], splits.val.tensors[0])  # validation is carved per seed
+
+
+def test_validation_is_disjoint_from_training_and_test():
+    splits = load_data(DataConfig(name="digits", val_fraction=0.2), seed=0)
+    flat = lambda ds: {tuple(row.tolist()) for row in ds.tensors[0].flatten(1)}  # noqa: E731
+    train, val, test = flat(splits.train), flat(splits.val), flat(splits.test)
+    assert len(val) > 200 and not (val & test) and len(train & val) <= 5  # digits has a few duplicate images
+
+
+def test_missing_torchvision_files_without_download_is_a_clear_error(tmp_path):
+    with pytest.raises(RapcError, match="dataset files not found.*data.download=true"):
+        load_data(DataConfig(name="cifar10", root=str(tmp_path), download=False), seed=0)
+
+
+def test_imagefolder_needs_train_and_test_folders(tmp_path):
+    with pytest.raises(RapcError, match="train"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path)), seed=0)
+
+
+def test_imagefolder_loads_class_folders(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (40, 20), color=40 * i).save(folder / f"{i}.png")
+    splits = load_data(DataConfig(name="imagefolder", root=str(tmp_path), val_fraction=0.2), seed=0)
+    x, y = splits.test[0]
+    assert x.shape == (3, 32, 32) and splits.info.num_classes == 2 and isinstance(y, int)
