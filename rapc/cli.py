@@ -57,6 +57,22 @@ def _table(dense: dict, compressed: dict, eps: float) -> Table:
     return table
 
 
+def _layer_table(layers: list[dict]) -> Table:
+    table = Table(title="per layer: masked -> shrunk")
+    for name in ("layer", "weight shape", "MACs", "zeros"):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for layer in layers:
+        shape = "x".join(map(str, layer["shape_before"]))
+        if layer["shape_after"] != layer["shape_before"]:
+            shape += " -> " + "x".join(map(str, layer["shape_after"]))
+        table.add_row(
+            layer["name"], shape,
+            f"{layer['macs_before']:,} -> {layer['macs_after']:,}",
+            f"{layer['sparsity_before']:.0%} -> {layer['sparsity_after']:.0%}",
+        )
+    return table
+
+
 @main.command()
 @click.option("--config", "-c", default=None, metavar="FILE|PRESET",
               help=f"YAML config file or preset name (default {DEFAULT_PRESET}; presets: {', '.join(presets())}).")
@@ -77,8 +93,13 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
     console = Console(stderr=True)
     console.print(f"rapc compress: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
                   f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
-    result = run_compress(cfg, out, RichReporter(console))
-    Console().print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
+    with RichReporter(console) as reporter:
+        result = run_compress(cfg, out, reporter)
+    out_console = Console()
+    out_console.print(_layer_table(result.layers))
+    out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
+    for note in result.notes:
+        out_console.print(f"note: {note}")
     click.echo(f"run directory: {result.run}")
 
 

@@ -10,6 +10,7 @@ scratch is the baseline that pruning must beat.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -155,18 +156,22 @@ def _import_factory(path: str):
 def create_model(builder: str, *, allow_import: bool = False, **args: Any) -> nn.Module:
     """Build a registered model, or a user factory ``package.module:factory``.
 
-    A user factory is called as ``factory(num_classes=..., in_channels=..., **kwargs)``
-    and runs arbitrary code, hence ``allow_import``.
+    A user factory is called as ``factory(num_classes=..., **model.kwargs)``, plus
+    ``in_channels=...`` when its signature takes it (torchvision's factories do not);
+    importing it runs arbitrary code, hence ``allow_import``.
     """
     if ":" in builder:
         if not allow_import:
             raise RapcError(
                 f"model {builder!r} is a Python import path; importing runs its code, set model.allow_import=true to allow it"
             )
+        factory = _import_factory(builder)
         mean, std = args.pop("mean"), args.pop("std")
-        args.pop("image_size", None)
-        args.pop("width", None)
-        return Normalized(_import_factory(builder)(**args), mean, std)
+        for unused in ("image_size", "width"):
+            args.pop(unused, None)
+        if "in_channels" not in inspect.signature(factory).parameters:
+            args.pop("in_channels", None)
+        return Normalized(factory(**args), mean, std)
     try:
         return MODELS.get(builder)(**args)
     except TypeError as exc:

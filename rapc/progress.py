@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class Reporter(Protocol):
@@ -30,14 +30,13 @@ class SilentReporter:
 
 
 class RichReporter:
-    """One transient bar per epoch with live figures; a line per finished epoch stays on screen."""
+    """A live bar per epoch with running loss/accuracy; a summary line per finished epoch stays above it.
+
+    Use as a context manager around the run, so the live display is torn down on errors too.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self._progress: Progress | None = None
-        self._task = None
-
-    def begin(self, title: str, total: int) -> None:
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -48,20 +47,29 @@ class RichReporter:
             console=self.console,
             transient=True,
         )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RichReporter:
         self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def begin(self, title: str, total: int) -> None:
         self._task = self._progress.add_task(title, total=total, live="")
 
     def advance(self, live: dict[str, float] | None = None) -> None:
-        if self._progress is None:
+        if self._task is None:
             return
         fields = {"live": "  ".join(f"{k} {v:.3f}" for k, v in live.items())} if live else {}
         self._progress.update(self._task, advance=1, **fields)
 
     def end(self, summary: str) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-        self.console.print(summary)
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+        self._progress.console.print(summary)
 
     def log(self, text: str) -> None:
-        self.console.print(text)
+        self._progress.console.print(text)

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rapc.attacks import evaluate, robust_correct
+from rapc.attacks import evaluate
 from rapc.config import Config, StageConfig, TrainAttackConfig
 from rapc.data import Splits, head, load_data, loader
 from rapc.errors import RapcError
 from rapc.modelio import Architecture, load_weights, read_architecture, resolve_model_dir, save_model, WEIGHTS
 from rapc.pipeline.admm import AdmmState
+from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.masks import MaskSet
-from rapc.pipeline.measure import layer_stats, summary
+from rapc.pipeline.measure import compare_layers, layer_stats, summary
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
 from rapc.progress import Reporter, SilentReporter
@@ -84,14 +85,6 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val, self.cfg.attack.eval, self.device)
 
-    def _guard_accuracy(self) -> float:
-        """PGD accuracy on a fixed training batch: it collapses when FGSM training overfits catastrophically."""
-        self.model.eval()
-        x, y = (t.to(self.device) for t in self.guard_batch)
-        accuracy = float(robust_correct(self.model, x, y, self.cfg.attack.eval).float().mean())
-        self.model.train()
-        return accuracy
-
     def stage(
         self,
         name: str,
@@ -108,11 +101,15 @@ class Trainer:
         optimizer = make_optimizer(self.model.parameters(), stage.optimizer)
         schedule = make_schedule(optimizer, stage.schedule, len(self.train), stage.epochs)
         scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
-        guarded = attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
-        best_score, best_state, best_guard = -1.0, None, None
+        guard = (
+            OverfitGuard(self.guard_batch, self.cfg.attack.eval, attack_cfg.guard.drop)
+            if attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
+            else None
+        )
+        best_score, best_state = -1.0, None
         for epoch in range(1, stage.epochs + 1):
             attack = _epoch_attack(attack_cfg, stage, epoch)
-            before = copy.deepcopy(self.model.state_dict()) if guarded and attack else None
+            before = copy.deepcopy(self.model.state_dict()) if guard and attack else None
             self.reporter.begin(f"{name} {epoch}/{stage.epochs}", len(self.train))
             start = time.perf_counter()
             record: dict[str, Any] = {"stage": name, "epoch": epoch, "train_eps": attack.eps if attack else 0.0, "lr": optimizer.param_groups[0]["lr"]}
@@ -126,18 +123,16 @@ class Trainer:
             val = self.validate()
             record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": self.sparsity()}
             collapsed = False
-            if before is not None:
-                record["guard_pgd"] = self._guard_accuracy()
-                collapsed = best_guard is not None and record["guard_pgd"] < best_guard - attack_cfg.guard.drop
-                best_guard = max(best_guard or 0.0, record["guard_pgd"])
+            if guard is not None and before is not None:
+                record["guard_pgd"], collapsed = guard.check(self.model)
                 record["catastrophic_overfitting"] = collapsed
             record["seconds"] = time.perf_counter() - start
             self.run.log(record)
             self.reporter.end(
-                f"{name:8s} epoch {epoch:3d}  loss {record['loss']:.3f}  train {record['train_acc']:.3f}  "
-                f"val clean {val['clean']:.3f}  val PGD {val['robust']:.3f}  sparsity {record['sparsity']:.3f}"
-                + (f"  rho {record['rho']:.3g}  max residual {max(record['residuals'].values()):.3g}" if "residuals" in record else "")
-                + f"  {record['seconds']:.1f}s"
+                f"{name:8s} {epoch}/{stage.epochs}  loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  "
+                f"val clean/PGD {val['clean']:.3f}/{val['robust']:.3f}"
+                + (f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}" if "residuals" in record else "")
+                + f"  {record['seconds']:.0f}s"
             )
             if collapsed:
                 self.reporter.log(f"[yellow]warning[/]: {name} epoch {epoch}: PGD accuracy on a training batch collapsed (catastrophic overfitting of FGSM training)")
@@ -183,6 +178,7 @@ class CompressResult:
     run: Path
     dense: dict[str, Any]
     compressed: dict[str, Any]
+    layers: list[dict[str, Any]]
     notes: list[str]
 
 
@@ -239,7 +235,7 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> 
     masks.apply()
     hard = trainer.validate()
     run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": trainer.sparsity()})
-    reporter.log(f"hard prune: val clean {hard['clean']:.3f}  val PGD {hard['robust']:.3f}  sparsity {trainer.sparsity():.3f}")
+    reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {trainer.sparsity():.3f}")
     trainer.stage(
         "retrain", cfg.stages.retrain, Hooks(before_step=masks.mask_grads, after_step=masks.apply),
         extra_state=lambda: {"masks": masks.state_dict()},
@@ -255,19 +251,14 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> 
     reporter.advance()
     compressed_report = _report(result.model, test, cfg, device, example, run.model / WEIGHTS)
     reporter.end("evaluated dense and compressed models on the test split")
-    masked_layers = {s.name: s for s in layer_stats(model)}
-    layers = [
-        {"name": s.name, "shape_before": list(masked_layers[s.name].shape), "shape_after": list(s.shape),
-         "sparsity_before": masked_layers[s.name].sparsity, "sparsity_after": s.sparsity}
-        for s in layer_stats(result.model)
-    ]
+    layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     run.write_json("summary.json", {
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
         "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
         "notes": notes, "attack": cfg.attack.eval.model_dump(),
     })
-    return CompressResult(run.root, dense_report, compressed_report, notes)
+    return CompressResult(run.root, dense_report, compressed_report, layers, notes)
 
 
 def _check_input(model: nn.Module, example: torch.Tensor, cfg: Config) -> None:

@@ -107,3 +107,16 @@ def test_a_live_zero_filter_is_kept_and_a_non_exact_shrink_fails_loudly(monkeypa
     monkeypatch.setattr(shrink_module, "dead_channels", lambda group, params: (torch.arange(group.size) > 0, []))
     with pytest.raises(RapcError, match="not exact"):
         shrink(model, batch, ShrinkConfig())
+
+
+def test_a_torchvision_user_model_is_projected_and_shrunk_exactly():
+    from rapc.models import create_model as create
+
+    torch.manual_seed(0)
+    model = create("torchvision.models:resnet18", allow_import=True, num_classes=10, in_channels=3, image_size=32, width=16, mean=[0.5] * 3, std=[0.25] * 3).eval()
+    batch = torch.rand(4, 3, 32, 32)
+    projector = _hard_prune(model, batch, PruningConfig(scheme="filter", ratio=0.5))
+    assert "net.fc.weight" not in projector.targets and "net.layer4.1.conv2.weight" in projector.targets
+    result = shrink(model, batch, ShrinkConfig())
+    assert result.max_abs_diff <= 1e-4
+    assert result.model.net.layer4[1].conv2.out_channels == 256

@@ -1,0 +1,21 @@
+import copy
+
+import torch
+
+from rapc.config import AttackConfig
+from rapc.data import loader
+from rapc.pipeline.guard import OverfitGuard
+
+
+def test_guard_flags_a_collapse_of_pgd_accuracy_but_not_a_steady_model(trained_lenet, digits):
+    batch = next(iter(loader(digits.train, 128, shuffle=False)))
+    guard = OverfitGuard(batch, AttackConfig(method="pgd", eps=0.02, steps=5, step=0.01), drop=0.2)
+    first, collapsed = guard.check(trained_lenet)
+    assert first > 0.6 and not collapsed
+    assert not guard.check(trained_lenet)[1]  # the same model again: no collapse
+    broken = copy.deepcopy(trained_lenet)
+    with torch.no_grad():
+        broken.fc2.weight.mul_(-1)  # a model whose accuracy collapses
+    accuracy, collapsed = guard.check(broken)
+    assert collapsed and accuracy < first - 0.2
+    assert guard.best == first
