@@ -24,7 +24,7 @@ class RapcGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("interrupted: the run directory keeps the checkpoint of every finished epoch", err=True)
             sys.exit(130)
 
 

@@ -74,8 +74,8 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    steps = len(data) if hasattr(data, "__len__") else 0  # type: ignore[arg-type]
-    refresh = max(1, steps // 10)
+    # Read the running figures back about ten times an epoch (every 20 steps for unsized data).
+    refresh = max(1, len(data) // 10) if hasattr(data, "__len__") else 20  # type: ignore[arg-type]
     for step, (x, y) in enumerate(data):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         inputs = perturb(model, x, y, attack, dtype) if attack is not None else x
