@@ -103,5 +103,27 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
     click.echo(f"run directory: {result.run}")
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--dense", is_flag=True, help="Also export the run's dense robust model (export/dense.onnx), for side-by-side benches.")
+@click.option("--n-check", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Test images (and as many PGD examples) on which onnxruntime must match PyTorch.")
+def export(run: str, dense: bool, n_check: int) -> None:
+    """Export a run's compressed model to ONNX (RUN/export/model.onnx) and prove it faithful.
+
+    One self-contained file, dynamic batch, input `input` in [0,1] pixel space. onnxruntime
+    is run against PyTorch on clean test images and on PGD examples crafted on the PyTorch
+    model; a max abs logit difference above 1e-4 fails the command. Results go to
+    RUN/export/fidelity.json.
+    """
+    from rapc.export.artifacts import export_run
+
+    console = Console(stderr=True)
+    with RichReporter(console) as reporter:
+        result = export_run(run, dense=dense, n_check=n_check, reporter=reporter)
+    for name, path in result.files.items():
+        click.echo(f"{name}: {path}")
+
+
 if __name__ == "__main__":
     main()

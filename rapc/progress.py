@@ -50,13 +50,15 @@ class RichReporter:
         self._task: TaskID | None = None
 
     def __enter__(self) -> RichReporter:
-        self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._progress.live.is_started:
+            self._progress.stop()
 
     def begin(self, title: str, total: int) -> None:
+        if not self._progress.live.is_started:  # started on first use: an early error prints nothing else
+            self._progress.start()
         self._task = self._progress.add_task(title, total=total, live="")
 
     def advance(self, live: dict[str, float] | None = None) -> None:

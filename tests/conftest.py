@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +41,13 @@ def trained_lenet(digits_cfg: Config, digits: Splits) -> torch.nn.Module:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits_cfg: Config, tmp_path_factory) -> Path:
+    """A short but complete compress run on digits, made through the library."""
+    from rapc.pipeline.compress import compress
+
+    cfg = digits_cfg.model_copy(deep=True)
+    cfg.stages.pretrain.epochs, cfg.stages.admm.epochs, cfg.stages.retrain.epochs = 4, 2, 1
+    return compress(cfg, tmp_path_factory.mktemp("runs") / "digits").run

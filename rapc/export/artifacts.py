@@ -1,0 +1,91 @@
+"""``rapc export``: the run's models as ONNX files, each proven faithful before it is trusted.
+
+    runs/NAME/export/model.onnx      the shrunk model
+    runs/NAME/export/dense.onnx      the dense robust model (--dense), for side-by-side benches
+    runs/NAME/export/fidelity.json   onnxruntime vs PyTorch, clean and adversarial
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rapc.attacks import perturb
+from rapc.config import Config, load_config
+from rapc.data import head, load_data, loader
+from rapc.errors import RapcError
+from rapc.export.fidelity import Agreement, compare
+from rapc.export.onnx import export_onnx
+from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
+from rapc.modelio import load_model, read_architecture
+from rapc.progress import Reporter, SilentReporter
+from rapc.rundir import RunDir
+
+FP32_TOLERANCE = 1e-4  # max abs logit difference; float32 re-association stays orders of magnitude below
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path]
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_config(run: Path) -> Config:
+    if not (run / "config.yaml").is_file():
+        raise RapcError(f"{run} is not a run directory (no config.yaml); make one with `rapc compress --out {run}`")
+    return load_config(str(run / "config.yaml"))
+
+
+def check_set(cfg: Config, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images and labels of the run's dataset."""
+    splits = load_data(cfg.data, cfg.seed)
+    images, labels = zip(*loader(head(splits.test, n), 512, shuffle=False))
+    return torch.cat(images), torch.cat(labels)
+
+
+def adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """PGD examples crafted on the PyTorch model with the run's evaluation attack (float32, eval mode)."""
+    torch.manual_seed(cfg.seed)
+    return torch.cat([
+        perturb(model.eval(), x, y, cfg.attack.eval, keep_fooled=True)
+        for x, y in zip(images.split(512), labels.split(512))
+    ])
+
+
+def export_run(run: str | Path, *, dense: bool = False, n_check: int = 512, reporter: Reporter | None = None) -> ExportResult:
+    reporter = reporter or SilentReporter()
+    run = Path(run)
+    cfg = run_config(run)
+    out = RunDir(run).root / "export"
+    images, labels = check_set(cfg, n_check)
+    targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
+    result = ExportResult({})
+    for name, directory in targets.items():
+        model = load_model(directory)
+        reporter.log(f"{name}: exporting to ONNX")
+        path = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
+        result.files[name] = path
+        attacked = adversarial(model, images, labels, cfg)
+        reference, runner = TorchRunner(model), OnnxRuntimeRunner(path)
+        checks: dict[str, Agreement] = {
+            "clean": compare(reference, runner, images.numpy(), labels.numpy()),
+            "adversarial": compare(reference, runner, attacked.numpy(), labels.numpy()),
+        }
+        worst = max(c.max_abs_diff for c in checks.values())
+        result.fidelity[name] = {
+            "file": path.name, "precision": "fp32", "runtime": runner.name, "tolerance": FP32_TOLERANCE,
+            "passed": worst <= FP32_TOLERANCE, **{k: v.as_dict() for k, v in checks.items()},
+        }
+        reporter.log(
+            f"{name}: onnxruntime vs PyTorch on {len(images)} clean + {len(images)} PGD images: max abs diff {worst:.2e}, "
+            f"top-1 agreement {checks['clean'].top1_agreement:.2%} / {checks['adversarial'].top1_agreement:.2%}"
+        )
+    RunDir(run).write_json("export/fidelity.json", {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity})
+    failed = [n for n, f in result.fidelity.items() if not f["passed"]]
+    if failed:
+        raise RapcError(f"fidelity check failed for {', '.join(failed)}: onnxruntime differs from PyTorch by more than {FP32_TOLERANCE:g} (see {out / 'fidelity.json'})")
+    return result

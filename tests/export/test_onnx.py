@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import rapc.export.artifacts as artifacts
+from rapc.errors import RapcError
+from rapc.export.artifacts import export_run
+from rapc.export.onnx import INPUT, export_onnx
+from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
+from rapc.modelio import load_model
+
+
+@pytest.fixture(scope="module")
+def exported(digits_run):
+    return export_run(digits_run, dense=True, n_check=200)
+
+
+def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
+    files = sorted(p.name for p in (digits_run / "export").iterdir())
+    assert files == ["dense.onnx", "fidelity.json", "model.onnx"]  # no external .onnx.data
+    graph = onnx.load(str(exported.files["model"]))
+    onnx.checker.check_model(graph)
+    assert graph.opset_import[0].version >= 17
+    assert [i.name for i in graph.graph.input] == [INPUT]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_onnxruntime_runs_every_batch_size_and_matches_pytorch(digits_run, exported, batch):
+    model = load_model(digits_run / "model")
+    images = torch.rand(batch, 1, 8, 8).numpy()
+    np.testing.assert_allclose(OnnxRuntimeRunner(exported.files["model"]).infer(images), TorchRunner(model).infer(images), atol=1e-5)
+
+
+def test_fidelity_report_covers_clean_and_adversarial_inputs(digits_run, exported):
+    report = json.loads((digits_run / "export" / "fidelity.json").read_text())
+    summary = json.loads((digits_run / "summary.json").read_text())
+    for name in ("model", "dense"):
+        entry = report["artifacts"][name]
+        assert entry["passed"] and entry["precision"] == "fp32"
+        for kind in ("clean", "adversarial"):
+            assert entry[kind]["n"] == 200 and entry[kind]["max_abs_diff"] <= 1e-4 and entry[kind]["top1_agreement"] == 1.0
+        # The PGD examples really attack: accuracy on them is far below clean accuracy.
+        assert entry["adversarial"]["accuracy"] < entry["clean"]["accuracy"] - 0.1
+    assert report["artifacts"]["model"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
+
+
+def test_an_unfaithful_export_fails_loudly_and_is_recorded(digits_run, tmp_path, monkeypatch):
+    real_export = artifacts.export_onnx
+
+    def export_another_model(model, input_shape, path):
+        other = load_model(digits_run / "model")
+        with torch.no_grad():
+            other.fc2.bias.add_(0.01)  # a small drift, as a broken exporter or runtime would cause
+        return real_export(other, input_shape, path)
+
+    monkeypatch.setattr(artifacts, "export_onnx", export_another_model)
+    with pytest.raises(RapcError, match="fidelity check failed for model"):
+        export_run(digits_run, n_check=50)
+    report = json.loads((digits_run / "export" / "fidelity.json").read_text())
+    assert report["artifacts"]["model"]["passed"] is False
+    assert report["artifacts"]["model"]["clean"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_batch_one_examples_do_not_freeze_the_batch_dimension(digits_run, tmp_path):
+    path = export_onnx(load_model(digits_run / "model"), [1, 8, 8], tmp_path / "m.onnx")
+    assert OnnxRuntimeRunner(path).infer(np.random.rand(5, 1, 8, 8).astype(np.float32)).shape == (5, 10)
+
+
+def test_corrupt_onnx_and_non_run_directories_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    with pytest.raises(RapcError, match="onnxruntime cannot load it"):
+        OnnxRuntimeRunner(bad)
+    with pytest.raises(RapcError, match="not a run directory"):
+        export_run(tmp_path)
+
+
+def test_export_command_prints_the_files_and_fails_cleanly_on_a_non_run(digits_run, tmp_path):
+    from click.testing import CliRunner
+
+    from rapc.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(digits_run), "--n-check", "20"])
+    assert result.exit_code == 0 and "model.onnx" in result.stdout
+    result = CliRunner().invoke(main, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith("error:") and "not a run directory" in result.stderr
+    help_text = CliRunner().invoke(main, ["export", "--help"]).stdout
+    assert "--dense" in help_text and "--n-check" in help_text and "fidelity.json" in help_text
