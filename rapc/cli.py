@@ -11,6 +11,7 @@ from rich.table import Table
 
 from rapc.config import DEFAULT_PRESET, load_config, presets
 from rapc.errors import RapcError
+from rapc.export.precision import PRECISIONS
 from rapc.progress import RichReporter
 
 
@@ -106,23 +107,26 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--dense", is_flag=True, help="Also export the run's dense robust model (export/dense.onnx), for side-by-side benches.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS), default=("fp32",), show_default=True,
+              help="Also write fp16 (model.fp16.onnx) or int8 Q/DQ (model.int8.onnx, calibrated on training images); repeatable.")
 @click.option("--n-check", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Test images (and as many PGD examples) on which onnxruntime must match PyTorch.")
-def export(run: str, dense: bool, n_check: int) -> None:
+              help="Test images (and as many PGD examples) on which every file is checked.")
+def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int) -> None:
     """Export a run's compressed model to ONNX (RUN/export/model.onnx) and prove it faithful.
 
     One self-contained file, dynamic batch, input `input` in [0,1] pixel space. onnxruntime
     is run against PyTorch on clean test images and on PGD examples crafted on the PyTorch
-    model; a max abs logit difference above 1e-4 fails the command. Results go to
-    RUN/export/fidelity.json.
+    model; a max abs logit difference above 1e-4 fails the command. fp16 and int8 files are
+    compared with the fp32 one on the same inputs (top-1 agreement, clean and robust
+    accuracy). Results go to RUN/export/fidelity.json.
     """
     from rapc.export.artifacts import export_run
 
     console = Console(stderr=True)
     with RichReporter(console) as reporter:
-        result = export_run(run, dense=dense, n_check=n_check, reporter=reporter)
-    for name, path in result.files.items():
-        click.echo(f"{name}: {path}")
+        result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, reporter=reporter)
+    for path in result.files:
+        click.echo(path)
 
 
 if __name__ == "__main__":

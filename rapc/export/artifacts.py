@@ -20,6 +20,7 @@ from rapc.data import head, load_data, loader
 from rapc.errors import RapcError
 from rapc.export.fidelity import Agreement, compare
 from rapc.export.onnx import export_onnx
+from rapc.export.precision import make_variant
 from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
 from rapc.modelio import load_model, read_architecture
 from rapc.progress import Reporter, SilentReporter
@@ -30,8 +31,8 @@ FP32_TOLERANCE = 1e-4  # max abs logit difference; float32 re-association stays 
 
 @dataclass
 class ExportResult:
-    files: dict[str, Path]
-    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file name
 
 
 def run_config(run: Path) -> Config:
@@ -56,36 +57,66 @@ def adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     ])
 
 
-def export_run(run: str | Path, *, dense: bool = False, n_check: int = 512, reporter: Reporter | None = None) -> ExportResult:
+def calibration_set(cfg: Config, n: int) -> np.ndarray:
+    """The first n training images, for int8 activation ranges (never test images)."""
+    splits = load_data(cfg.data, cfg.seed)
+    return torch.cat([x for x, _ in loader(head(splits.train, n), 512, shuffle=False)]).numpy()
+
+
+def _check(reference, candidate, images: torch.Tensor, attacked: torch.Tensor, labels: torch.Tensor) -> dict[str, Agreement]:
+    return {
+        "clean": compare(reference, candidate, images.numpy(), labels.numpy()),
+        "adversarial": compare(reference, candidate, attacked.numpy(), labels.numpy()),
+    }
+
+
+def export_run(
+    run: str | Path,
+    *,
+    dense: bool = False,
+    precisions: tuple[str, ...] = ("fp32",),
+    n_check: int = 512,
+    n_calibration: int = 256,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Export the run's model (and dense model) to ONNX in each precision and check every file.
+
+    fp32 is compared with PyTorch and must match to FP32_TOLERANCE. Lower precisions are
+    compared with the fp32 file: their top-1 agreement and accuracy on the same clean and
+    PGD inputs are reported, so a user sees whether quantization changed robustness.
+    """
     reporter = reporter or SilentReporter()
     run = Path(run)
     cfg = run_config(run)
     out = RunDir(run).root / "export"
     images, labels = check_set(cfg, n_check)
+    calibration = calibration_set(cfg, n_calibration) if "int8" in precisions else np.empty(0)
     targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
-    result = ExportResult({})
+    result = ExportResult()
     for name, directory in targets.items():
         model = load_model(directory)
         reporter.log(f"{name}: exporting to ONNX")
-        path = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
-        result.files[name] = path
+        fp32 = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
         attacked = adversarial(model, images, labels, cfg)
-        reference, runner = TorchRunner(model), OnnxRuntimeRunner(path)
-        checks: dict[str, Agreement] = {
-            "clean": compare(reference, runner, images.numpy(), labels.numpy()),
-            "adversarial": compare(reference, runner, attacked.numpy(), labels.numpy()),
-        }
-        worst = max(c.max_abs_diff for c in checks.values())
-        result.fidelity[name] = {
-            "file": path.name, "precision": "fp32", "runtime": runner.name, "tolerance": FP32_TOLERANCE,
-            "passed": worst <= FP32_TOLERANCE, **{k: v.as_dict() for k, v in checks.items()},
-        }
-        reporter.log(
-            f"{name}: onnxruntime vs PyTorch on {len(images)} clean + {len(images)} PGD images: max abs diff {worst:.2e}, "
-            f"top-1 agreement {checks['clean'].top1_agreement:.2%} / {checks['adversarial'].top1_agreement:.2%}"
-        )
+        fp32_runner = OnnxRuntimeRunner(fp32)
+        for precision in ("fp32", *(p for p in precisions if p != "fp32")):
+            path = make_variant(fp32, precision, calibration)
+            runner = fp32_runner if precision == "fp32" else OnnxRuntimeRunner(path)
+            reference = TorchRunner(model) if precision == "fp32" else fp32_runner
+            checks = _check(reference, runner, images, attacked, labels)
+            worst = max(c.max_abs_diff for c in checks.values())
+            entry: dict[str, Any] = {"model": name, "precision": precision, "runtime": runner.name, "reference": reference.name}
+            if precision == "fp32":
+                entry |= {"tolerance": FP32_TOLERANCE, "passed": worst <= FP32_TOLERANCE}
+            result.fidelity[path.name] = entry | {k: v.as_dict() for k, v in checks.items()}
+            result.files.append(path)
+            reporter.log(
+                f"{path.name}: vs {reference.name.split(':')[0]} on {len(images)} clean + {len(images)} PGD images: "
+                f"max abs diff {worst:.2e}, top-1 agreement {checks['clean'].top1_agreement:.2%} / "
+                f"{checks['adversarial'].top1_agreement:.2%}, accuracy {checks['clean'].accuracy:.2%} / {checks['adversarial'].accuracy:.2%}"
+            )
     RunDir(run).write_json("export/fidelity.json", {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity})
-    failed = [n for n, f in result.fidelity.items() if not f["passed"]]
+    failed = [n for n, f in result.fidelity.items() if f.get("passed") is False]
     if failed:
         raise RapcError(f"fidelity check failed for {', '.join(failed)}: onnxruntime differs from PyTorch by more than {FP32_TOLERANCE:g} (see {out / 'fidelity.json'})")
     return result

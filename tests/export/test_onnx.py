@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +23,7 @@ def exported(digits_run):
 def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
     files = sorted(p.name for p in (digits_run / "export").iterdir())
     assert files == ["dense.onnx", "fidelity.json", "model.onnx"]  # no external .onnx.data
-    graph = onnx.load(str(exported.files["model"]))
+    graph = onnx.load(str(exported.files[0]))
     onnx.checker.check_model(graph)
     assert graph.opset_import[0].version >= 17
     assert [i.name for i in graph.graph.input] == [INPUT]
@@ -32,23 +34,24 @@ def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
 def test_onnxruntime_runs_every_batch_size_and_matches_pytorch(digits_run, exported, batch):
     model = load_model(digits_run / "model")
     images = torch.rand(batch, 1, 8, 8).numpy()
-    np.testing.assert_allclose(OnnxRuntimeRunner(exported.files["model"]).infer(images), TorchRunner(model).infer(images), atol=1e-5)
+    np.testing.assert_allclose(OnnxRuntimeRunner(exported.files[0]).infer(images), TorchRunner(model).infer(images), atol=1e-5)
 
 
 def test_fidelity_report_covers_clean_and_adversarial_inputs(digits_run, exported):
     report = json.loads((digits_run / "export" / "fidelity.json").read_text())
     summary = json.loads((digits_run / "summary.json").read_text())
-    for name in ("model", "dense"):
+    for name in ("model.onnx", "dense.onnx"):
         entry = report["artifacts"][name]
         assert entry["passed"] and entry["precision"] == "fp32"
         for kind in ("clean", "adversarial"):
             assert entry[kind]["n"] == 200 and entry[kind]["max_abs_diff"] <= 1e-4 and entry[kind]["top1_agreement"] == 1.0
         # The PGD examples really attack: accuracy on them is far below clean accuracy.
         assert entry["adversarial"]["accuracy"] < entry["clean"]["accuracy"] - 0.1
-    assert report["artifacts"]["model"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
+    assert report["artifacts"]["model.onnx"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
 
 
 def test_an_unfaithful_export_fails_loudly_and_is_recorded(digits_run, tmp_path, monkeypatch):
+    run = Path(shutil.copytree(digits_run, tmp_path / "run"))
     real_export = artifacts.export_onnx
 
     def export_another_model(model, input_shape, path):
@@ -58,11 +61,11 @@ def test_an_unfaithful_export_fails_loudly_and_is_recorded(digits_run, tmp_path,
         return real_export(other, input_shape, path)
 
     monkeypatch.setattr(artifacts, "export_onnx", export_another_model)
-    with pytest.raises(RapcError, match="fidelity check failed for model"):
-        export_run(digits_run, n_check=50)
-    report = json.loads((digits_run / "export" / "fidelity.json").read_text())
-    assert report["artifacts"]["model"]["passed"] is False
-    assert report["artifacts"]["model"]["clean"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(RapcError, match="fidelity check failed for model.onnx"):
+        export_run(run, n_check=50)
+    report = json.loads((run / "export" / "fidelity.json").read_text())
+    assert report["artifacts"]["model.onnx"]["passed"] is False
+    assert report["artifacts"]["model.onnx"]["clean"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_batch_one_examples_do_not_freeze_the_batch_dimension(digits_run, tmp_path):
@@ -84,9 +87,10 @@ def test_export_command_prints_the_files_and_fails_cleanly_on_a_non_run(digits_r
 
     from rapc.cli import main
 
-    result = CliRunner().invoke(main, ["export", str(digits_run), "--n-check", "20"])
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    result = CliRunner().invoke(main, ["export", str(run), "--n-check", "20"])
     assert result.exit_code == 0 and "model.onnx" in result.stdout
-    result = CliRunner().invoke(main, ["export", str(tmp_path)])
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run" / "export")])
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "not a run directory" in result.stderr
     help_text = CliRunner().invoke(main, ["export", "--help"]).stdout
     assert "--dense" in help_text and "--n-check" in help_text and "fidelity.json" in help_text
