@@ -111,22 +111,36 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
               help="Also write fp16 (model.fp16.onnx) or int8 Q/DQ (model.int8.onnx, calibrated on training images); repeatable.")
 @click.option("--n-check", type=click.IntRange(min=1), default=512, show_default=True,
               help="Test images (and as many PGD examples) on which every file is checked.")
-def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int) -> None:
+@click.option("--trt", is_flag=True,
+              help="Build a TensorRT engine from every ONNX file (needs `pip install 'rapc[gpu]'` and a CUDA GPU; "
+                   "falls back to TensorRT-RTX engines when only tensorrt-rtx is installed).")
+@click.option("--trt-rtx", is_flag=True, help="Build TensorRT-RTX engines (no GPU needed to build) for --rtx-target.")
+@click.option("--rtx-target", default="SM86", show_default=True, type=click.Choice(["SM75", "SM80", "SM86", "SM89", "SM120"]),
+              help="Compute capability of TensorRT-RTX engines.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest batch of the engines' optimization profile (1..max, tuned for min(64, max)).")
+@click.option("--sparse", is_flag=True, help="Allow 2:4 sparse tactics (useful where the weights are 2:4, scheme nm).")
+def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt: bool, trt_rtx: bool,
+           rtx_target: str, max_batch: int, sparse: bool) -> None:
     """Export a run's compressed model to ONNX (RUN/export/model.onnx) and prove it faithful.
 
     One self-contained file, dynamic batch, input `input` in [0,1] pixel space. onnxruntime
     is run against PyTorch on clean test images and on PGD examples crafted on the PyTorch
     model; a max abs logit difference above 1e-4 fails the command. fp16 and int8 files are
     compared with the fp32 one on the same inputs (top-1 agreement, clean and robust
-    accuracy). Results go to RUN/export/fidelity.json.
+    accuracy). With --trt or --trt-rtx each ONNX file is also built into an engine
+    (RUN/export/*.engine, timing cache beside it). Results go to RUN/export/fidelity.json.
     """
-    from rapc.export.artifacts import export_run
+    from rapc.export.artifacts import EngineOptions, export_run
 
     console = Console(stderr=True)
     with RichReporter(console) as reporter:
-        result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, reporter=reporter)
+        engines = EngineOptions("tensorrt-rtx" if trt_rtx else "auto", max_batch, sparse, rtx_target) if trt or trt_rtx else None
+        result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, engines=engines, reporter=reporter)
     for path in result.files:
         click.echo(path)
+    for name in result.engines:
+        click.echo(Path(run) / "export" / name)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rapc.errors import RapcError
 from rapc.export.fidelity import Agreement, compare
 from rapc.export.onnx import export_onnx
 from rapc.export.precision import make_variant
+from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, choose_backend, gpu_present
 from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
 from rapc.modelio import load_model, read_architecture
 from rapc.progress import Reporter, SilentReporter
@@ -33,6 +34,15 @@ FP32_TOLERANCE = 1e-4  # max abs logit difference; float32 re-association stays 
 class ExportResult:
     files: list[Path] = field(default_factory=list)
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file name
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # by engine file name
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "auto"  # auto (--trt), tensorrt, tensorrt-rtx (--trt-rtx)
+    max_batch: int = 256
+    sparse: bool = False
+    target: str | None = None  # TensorRT-RTX compute capability
 
 
 def run_config(run: Path) -> Config:
@@ -77,6 +87,7 @@ def export_run(
     precisions: tuple[str, ...] = ("fp32",),
     n_check: int = 512,
     n_calibration: int = 256,
+    engines: EngineOptions | None = None,
     reporter: Reporter | None = None,
 ) -> ExportResult:
     """Export the run's model (and dense model) to ONNX in each precision and check every file.
@@ -84,6 +95,8 @@ def export_run(
     fp32 is compared with PyTorch and must match to FP32_TOLERANCE. Lower precisions are
     compared with the fp32 file: their top-1 agreement and accuracy on the same clean and
     PGD inputs are reported, so a user sees whether quantization changed robustness.
+    With ``engines``, every ONNX file is then built into a TensorRT engine; the ONNX files
+    and their fidelity report are written first, so they survive a missing TensorRT.
     """
     reporter = reporter or SilentReporter()
     run = Path(run)
@@ -93,11 +106,12 @@ def export_run(
     calibration = calibration_set(cfg, n_calibration) if "int8" in precisions else np.empty(0)
     targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
     result = ExportResult()
+    attacked_by_model: dict[str, torch.Tensor] = {}
     for name, directory in targets.items():
         model = load_model(directory)
         reporter.log(f"{name}: exporting to ONNX")
         fp32 = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
-        attacked = adversarial(model, images, labels, cfg)
+        attacked = attacked_by_model[name] = adversarial(model, images, labels, cfg)
         fp32_runner = OnnxRuntimeRunner(fp32)
         for precision in ("fp32", *(p for p in precisions if p != "fp32")):
             path = make_variant(fp32, precision, calibration)
@@ -115,8 +129,41 @@ def export_run(
                 f"max abs diff {worst:.2e}, top-1 agreement {checks['clean'].top1_agreement:.2%} / "
                 f"{checks['adversarial'].top1_agreement:.2%}, accuracy {checks['clean'].accuracy:.2%} / {checks['adversarial'].accuracy:.2%}"
             )
-    RunDir(run).write_json("export/fidelity.json", {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity})
+    write_report(run, cfg, result)
     failed = [n for n, f in result.fidelity.items() if f.get("passed") is False]
     if failed:
         raise RapcError(f"fidelity check failed for {', '.join(failed)}: onnxruntime differs from PyTorch by more than {FP32_TOLERANCE:g} (see {out / 'fidelity.json'})")
+    if engines is not None:
+        build_engines(result, engines, images, attacked_by_model, labels, reporter)
+        write_report(run, cfg, result)
     return result
+
+
+def write_report(run: Path, cfg: Config, result: ExportResult) -> None:
+    RunDir(run).write_json("export/fidelity.json", {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity, "engines": result.engines})
+
+
+def build_engines(
+    result: ExportResult, options: EngineOptions, images: torch.Tensor, attacked: dict[str, torch.Tensor],
+    labels: torch.Tensor, reporter: Reporter,
+) -> None:
+    """Build an engine from every ONNX file; run it against that file where the engine can run here."""
+    backend, note = choose_backend(options.backend)
+    if note:
+        reporter.log(f"note: {note}")
+    runnable = backend == "tensorrt" and gpu_present()
+    for path in result.files:
+        info = result.fidelity[path.name]
+        spec = EngineSpec(path, tuple(images.shape[1:]), options.max_batch, backend, options.target, options.sparse)
+        built = build_engine(spec)
+        entry: dict[str, Any] = {"onnx": path.name, "backend": backend, "version": built.version, "target": options.target,
+                                 "sparse": options.sparse, "build_seconds": built.seconds, "bytes": built.bytes,
+                                 "max_batch": options.max_batch}
+        if runnable:
+            checks = _check(OnnxRuntimeRunner(path), TensorRTRunner(built.path, backend), images, attacked[info["model"]], labels)
+            entry |= {k: v.as_dict() for k, v in checks.items()}
+        else:
+            entry["not_run"] = "TensorRT-RTX engines target RTX GPUs" if backend == "tensorrt-rtx" else "no CUDA GPU"
+        result.engines[built.path.name] = entry
+        reporter.log(f"{built.path.name}: {backend} {built.version}, {built.bytes / 1e6:.1f} MB in {built.seconds:.1f}s"
+                     + ("" if runnable else f" (not run: {entry['not_run']})"))
