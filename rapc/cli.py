@@ -104,6 +104,30 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
     click.echo(f"run directory: {result.run}")
 
 
+def _export_table(result) -> Table:
+    folder = result.files[0].parent if result.files else ""
+    table = Table(title=f"exported to {folder} (fidelity on clean / PGD test images)")
+    for name in ("file", "MB", "checked against", "max abs diff", "top-1 agreement", "accuracy"):
+        table.add_column(name, justify="left" if name in ("file", "checked against") else "right")
+    for path in result.files:
+        f = result.fidelity[path.name]
+        worst = max(f["clean"]["max_abs_diff"], f["adversarial"]["max_abs_diff"])
+        table.add_row(
+            path.name, f"{path.stat().st_size / 1e6:.1f}", f["reference"].split(":")[0], f"{worst:.1e}",
+            f"{f['clean']['top1_agreement']:.1%} / {f['adversarial']['top1_agreement']:.1%}",
+            f"{f['clean']['accuracy']:.1%} / {f['adversarial']['accuracy']:.1%}",
+        )
+    for name, e in result.engines.items():
+        if "adversarial" in e:
+            figures = (f"{max(e['clean']['max_abs_diff'], e['adversarial']['max_abs_diff']):.1e}",
+                       f"{e['clean']['top1_agreement']:.1%} / {e['adversarial']['top1_agreement']:.1%}",
+                       f"{e['clean']['accuracy']:.1%} / {e['adversarial']['accuracy']:.1%}")
+        else:
+            figures = ("not run", e["not_run"], "")
+        table.add_row(name, f"{e['bytes'] / 1e6:.1f}", e["onnx"], *figures)
+    return table
+
+
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--dense", is_flag=True, help="Also export the run's dense robust model (export/dense.onnx), for side-by-side benches.")
@@ -120,8 +144,9 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
 @click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Largest batch of the engines' optimization profile (1..max, tuned for min(64, max)).")
 @click.option("--sparse", is_flag=True, help="Allow 2:4 sparse tactics (useful where the weights are 2:4, scheme nm).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/export).")
 def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt: bool, trt_rtx: bool,
-           rtx_target: str, max_batch: int, sparse: bool) -> None:
+           rtx_target: str, max_batch: int, sparse: bool, out: str | None) -> None:
     """Export a run's compressed model to ONNX (RUN/export/model.onnx) and prove it faithful.
 
     One self-contained file, dynamic batch, input `input` in [0,1] pixel space. onnxruntime
@@ -136,11 +161,8 @@ def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt
     console = Console(stderr=True)
     with RichReporter(console) as reporter:
         engines = EngineOptions("tensorrt-rtx" if trt_rtx else "auto", max_batch, sparse, rtx_target) if trt or trt_rtx else None
-        result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, engines=engines, reporter=reporter)
-    for path in result.files:
-        click.echo(path)
-    for name in result.engines:
-        click.echo(Path(run) / "export" / name)
+        result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, engines=engines, out=out, reporter=reporter)
+    Console().print(_export_table(result))
 
 
 if __name__ == "__main__":

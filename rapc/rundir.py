@@ -34,16 +34,23 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove it writable, or say so in one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RapcError(f"cannot write the run directory {path} ({exc.strerror or exc})") from None
+    return path
+
+
 class RunDir:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        try:
-            (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise RapcError(f"cannot write the run directory {self.root} ({exc.strerror or exc})") from None
+        self.root = writable_dir(root)
+        (self.root / "checkpoints").mkdir(exist_ok=True)
 
     @property
     def dense(self) -> Path:

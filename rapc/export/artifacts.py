@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, choos
 from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
 from rapc.modelio import load_model, read_architecture
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import RunDir
+from rapc.rundir import atomic_write, writable_dir
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference; float32 re-association stays orders of magnitude below
 
@@ -88,6 +89,7 @@ def export_run(
     n_check: int = 512,
     n_calibration: int = 256,
     engines: EngineOptions | None = None,
+    out: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> ExportResult:
     """Export the run's model (and dense model) to ONNX in each precision and check every file.
@@ -97,11 +99,12 @@ def export_run(
     PGD inputs are reported, so a user sees whether quantization changed robustness.
     With ``engines``, every ONNX file is then built into a TensorRT engine; the ONNX files
     and their fidelity report are written first, so they survive a missing TensorRT.
+    Files go to ``out`` (default RUN/export).
     """
     reporter = reporter or SilentReporter()
     run = Path(run)
     cfg = run_config(run)
-    out = RunDir(run).root / "export"
+    out = writable_dir(out or run / "export")
     images, labels = check_set(cfg, n_check)
     calibration = calibration_set(cfg, n_calibration) if "int8" in precisions else np.empty(0)
     targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
@@ -129,18 +132,19 @@ def export_run(
                 f"max abs diff {worst:.2e}, top-1 agreement {checks['clean'].top1_agreement:.2%} / "
                 f"{checks['adversarial'].top1_agreement:.2%}, accuracy {checks['clean'].accuracy:.2%} / {checks['adversarial'].accuracy:.2%}"
             )
-    write_report(run, cfg, result)
+    write_report(out, cfg, result)
     failed = [n for n, f in result.fidelity.items() if f.get("passed") is False]
     if failed:
         raise RapcError(f"fidelity check failed for {', '.join(failed)}: onnxruntime differs from PyTorch by more than {FP32_TOLERANCE:g} (see {out / 'fidelity.json'})")
     if engines is not None:
         build_engines(result, engines, images, attacked_by_model, labels, reporter)
-        write_report(run, cfg, result)
+        write_report(out, cfg, result)
     return result
 
 
-def write_report(run: Path, cfg: Config, result: ExportResult) -> None:
-    RunDir(run).write_json("export/fidelity.json", {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity, "engines": result.engines})
+def write_report(out: Path, cfg: Config, result: ExportResult) -> None:
+    report = {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity, "engines": result.engines}
+    atomic_write(out / "fidelity.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
 
 
 def build_engines(
@@ -163,7 +167,7 @@ def build_engines(
             checks = _check(OnnxRuntimeRunner(path), TensorRTRunner(built.path, backend), images, attacked[info["model"]], labels)
             entry |= {k: v.as_dict() for k, v in checks.items()}
         else:
-            entry["not_run"] = "TensorRT-RTX engines target RTX GPUs" if backend == "tensorrt-rtx" else "no CUDA GPU"
+            entry["not_run"] = "RTX target" if backend == "tensorrt-rtx" else "no CUDA GPU"
         result.engines[built.path.name] = entry
         reporter.log(f"{built.path.name}: {backend} {built.version}, {built.bytes / 1e6:.1f} MB in {built.seconds:.1f}s"
                      + ("" if runnable else f" (not run: {entry['not_run']})"))

@@ -38,10 +38,14 @@ def variant_path(fp32: Path, precision: str) -> Path:
 
 @contextlib.contextmanager
 def _quiet():
-    """Model Optimizer and onnxruntime's calibrator print progress bars and INFO lines; keep them off the terminal."""
-    logging.getLogger("modelopt").setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    """Model Optimizer and onnxruntime's calibrator print progress bars and INFO/WARNING lines
+    (through handlers bound to the real stdout); keep them off the terminal."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def to_fp16(fp32: Path) -> Path:

@@ -30,7 +30,7 @@ def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
 
 
-@pytest.mark.parametrize("batch", [1, 3, 64])
+@pytest.mark.parametrize("batch", [1, 7, 64])
 def test_onnxruntime_runs_every_batch_size_and_matches_pytorch(digits_run, exported, batch):
     model = load_model(digits_run / "model")
     images = torch.rand(batch, 1, 8, 8).numpy()
@@ -94,3 +94,49 @@ def test_export_command_prints_the_files_and_fails_cleanly_on_a_non_run(digits_r
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "not a run directory" in result.stderr
     help_text = CliRunner().invoke(main, ["export", "--help"]).stdout
     assert "--dense" in help_text and "--n-check" in help_text and "fidelity.json" in help_text
+
+
+def _shrunk(name: str, width: int):
+    from rapc.config import PruningConfig, ShrinkConfig
+    from rapc.modelio import Architecture
+    from rapc.pipeline.masks import MaskSet
+    from rapc.pipeline.projection import Projector
+    from rapc.pipeline.shrink import shrink
+
+    torch.manual_seed(0)
+    model = Architecture(name, {"num_classes": 10, "in_channels": 3, "image_size": 32, "width": width,
+                                "mean": [0.5] * 3, "std": [0.25] * 3}, [3, 32, 32]).build().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.3, 0.3)
+    batch = torch.rand(4, 3, 32, 32)
+    projector = Projector(model, batch, PruningConfig(scheme="filter", ratio=0.5))
+    params = dict(model.named_parameters())
+    MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params)).apply()
+    return shrink(model, batch, ShrinkConfig()).model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16_bn"])
+def test_shrunk_cifar_models_export_with_a_dynamic_batch_and_match_pytorch(name, tmp_path):
+    model = _shrunk(name, width=2)
+    path = export_onnx(model, [3, 32, 32], tmp_path / f"{name}.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops  # folded into the convolutions
+    if name == "resnet18":
+        assert "Add" in ops  # the residual adds survive the shrink
+    runner, reference = OnnxRuntimeRunner(path), TorchRunner(model)
+    for batch in (1, 7, 64):
+        images = torch.rand(batch, 3, 32, 32).numpy()
+        np.testing.assert_allclose(runner.infer(images), reference.infer(images), atol=1e-4, rtol=1e-4)
+
+
+def test_out_option_writes_elsewhere_and_a_run_without_model_is_an_error(digits_run, tmp_path):
+    run = Path(shutil.copytree(digits_run, tmp_path / "run"))
+    result = export_run(run, n_check=20, out=tmp_path / "elsewhere")
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["fidelity.json", "model.onnx"]
+    assert result.files == [tmp_path / "elsewhere" / "model.onnx"]
+    shutil.rmtree(run / "model")
+    with pytest.raises(RapcError, match=r"run/model does not exist"):
+        export_run(run, n_check=20)
