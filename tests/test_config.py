@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -76,8 +77,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_presets_ship_inside_a_plain_wheel(tmp_path):
     """Presets must be usable by name after a non-editable install: they are package data."""
+    source = tmp_path / "src"  # setuptools builds in the source tree: build a copy, keep the checkout clean
+    for folder in ("rapc", "configs"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / file, source / file)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         check=True, capture_output=True,
     )
     (wheel,) = tmp_path.glob("rapc-*.whl")

@@ -17,13 +17,13 @@ import torch
 
 from rapc.attacks import perturb
 from rapc.config import Config, load_config
-from rapc.data import head, load_data, loader
+from rapc.data import Splits, head, load_data, loader
 from rapc.errors import RapcError
 from rapc.export.fidelity import Agreement, compare
 from rapc.export.onnx import export_onnx
 from rapc.export.precision import make_variant
 from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, choose_backend, gpu_present
-from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
+from rapc.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from rapc.modelio import load_model, read_architecture
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import atomic_write, writable_dir
@@ -52,9 +52,8 @@ def run_config(run: Path) -> Config:
     return load_config(str(run / "config.yaml"))
 
 
-def check_set(cfg: Config, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_set(splits: Splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test images and labels of the run's dataset."""
-    splits = load_data(cfg.data, cfg.seed)
     images, labels = zip(*loader(head(splits.test, n), 512, shuffle=False))
     return torch.cat(images), torch.cat(labels)
 
@@ -68,13 +67,12 @@ def adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     ])
 
 
-def calibration_set(cfg: Config, n: int) -> np.ndarray:
+def calibration_set(splits: Splits, n: int) -> np.ndarray:
     """The first n training images, for int8 activation ranges (never test images)."""
-    splits = load_data(cfg.data, cfg.seed)
     return torch.cat([x for x, _ in loader(head(splits.train, n), 512, shuffle=False)]).numpy()
 
 
-def _check(reference, candidate, images: torch.Tensor, attacked: torch.Tensor, labels: torch.Tensor) -> dict[str, Agreement]:
+def _check(reference: Runner, candidate: Runner, images: torch.Tensor, attacked: torch.Tensor, labels: torch.Tensor) -> dict[str, Agreement]:
     return {
         "clean": compare(reference, candidate, images.numpy(), labels.numpy()),
         "adversarial": compare(reference, candidate, attacked.numpy(), labels.numpy()),
@@ -105,8 +103,9 @@ def export_run(
     run = Path(run)
     cfg = run_config(run)
     out = writable_dir(out or run / "export")
-    images, labels = check_set(cfg, n_check)
-    calibration = calibration_set(cfg, n_calibration) if "int8" in precisions else np.empty(0)
+    splits = load_data(cfg.data, cfg.seed)
+    images, labels = check_set(splits, n_check)
+    calibration = calibration_set(splits, n_calibration) if "int8" in precisions else np.empty(0)
     targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
     result = ExportResult()
     attacked_by_model: dict[str, torch.Tensor] = {}

@@ -26,7 +26,7 @@ from rapc.pipeline.admm import AdmmState
 from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.masks import MaskSet
-from rapc.pipeline.measure import compare_layers, layer_stats, summary
+from rapc.pipeline.measure import compare_layers, layer_stats, sparsity, summary
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
 from rapc.progress import Reporter, SilentReporter
@@ -78,10 +78,6 @@ class Trainer:
     guard_batch: tuple[torch.Tensor, torch.Tensor]
     reporter: Reporter = field(default_factory=SilentReporter)
 
-    def sparsity(self) -> float:
-        stats = layer_stats(self.model)
-        return sum(s.zeros for s in stats) / max(1, sum(s.params for s in stats))
-
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val, self.cfg.attack.eval, self.device)
 
@@ -121,19 +117,14 @@ class Trainer:
             if after_epoch is not None:
                 record |= after_epoch()
             val = self.validate()
-            record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": self.sparsity()}
+            record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": sparsity(self.model)}
             collapsed = False
             if guard is not None and before is not None:
                 record["guard_pgd"], collapsed = guard.check(self.model)
                 record["catastrophic_overfitting"] = collapsed
             record["seconds"] = time.perf_counter() - start
             self.run.log(record)
-            self.reporter.end(
-                f"{name:8s} {epoch}/{stage.epochs}  loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  "
-                f"val clean/PGD {val['clean']:.3f}/{val['robust']:.3f}"
-                + (f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}" if "residuals" in record else "")
-                + f"  {record['seconds']:.0f}s"
-            )
+            self.reporter.end(_epoch_line(record, stage.epochs))
             if collapsed:
                 self.reporter.log(f"[yellow]warning[/]: {name} epoch {epoch}: PGD accuracy on a training batch collapsed (catastrophic overfitting of FGSM training)")
                 if attack_cfg.guard.action == "stop":
@@ -146,6 +137,14 @@ class Trainer:
             self.run.save_checkpoint(name, {"model": self.model.state_dict(), "epoch": epoch, **(extra_state() if extra_state else {})})
         if select_best and best_state is not None:
             self.model.load_state_dict(best_state)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    line = (f"{record['stage']:8s} {record['epoch']}/{epochs}  loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  "
+            f"val clean/PGD {record['val_clean']:.3f}/{record['val_robust']:.3f}")
+    if "residuals" in record:
+        line += f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}"
+    return line + f"  {record['seconds']:.0f}s"
 
 
 def _epoch_attack(attack: TrainAttackConfig, stage: StageConfig, epoch: int) -> TrainAttackConfig | None:
@@ -234,8 +233,8 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> 
     masks = MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params))
     masks.apply()
     hard = trainer.validate()
-    run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": trainer.sparsity()})
-    reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {trainer.sparsity():.3f}")
+    run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": sparsity(model)})
+    reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {sparsity(model):.3f}")
     trainer.stage(
         "retrain", cfg.stages.retrain, Hooks(before_step=masks.mask_grads, after_step=masks.apply),
         extra_state=lambda: {"masks": masks.state_dict()},

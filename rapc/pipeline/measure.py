@@ -68,11 +68,16 @@ def macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def summary(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Totals: parameters, MACs per image, and the fraction of conv/linear weights that are exactly zero."""
+def sparsity(model: nn.Module) -> float:
+    """Fraction of conv/linear weights that are exactly zero."""
     layers = layer_stats(model)
+    return sum(s.zeros for s in layers) / max(1, sum(s.params for s in layers))
+
+
+def summary(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Totals: parameters, MACs per image, sparsity."""
     macs, params = macs_and_params(model, example)
-    return {"params": params, "macs": macs, "sparsity": sum(s.zeros for s in layers) / max(1, sum(s.params for s in layers))}
+    return {"params": params, "macs": macs, "sparsity": sparsity(model)}
 
 
 def compare_layers(before: list[LayerStats], after: list[LayerStats]) -> list[dict]:
