@@ -102,34 +102,30 @@ class TorchCompiled(_Torch):
         return compiled
 
 
-@BACKENDS.register("torch-eager-cuda")
-class TorchEagerCuda(_Torch):
+class _OnCuda:
+    """Mixed in first: runs on the GPU, and only where there is one."""
+
     device = "cuda"
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
         return _no_cuda()
+
+
+@BACKENDS.register("torch-eager-cuda")
+class TorchEagerCuda(_OnCuda, _Torch):
+    pass
 
 
 @BACKENDS.register("torch-compiled-cuda")
-class TorchCompiledCuda(TorchCompiled):
-    device = "cuda"
-
-    @classmethod
-    def skip_reason(cls, artifact: Artifact) -> str | None:
-        return _no_cuda()
+class TorchCompiledCuda(_OnCuda, TorchCompiled):
+    pass
 
 
 @BACKENDS.register("torch-cudagraphs")
-class TorchCudaGraphs(_Torch):
+class TorchCudaGraphs(_OnCuda, _Torch):
     """The forward pass captured once in a CUDA graph and replayed: no per-kernel launch cost,
     which dominates small batches on a GPU."""
-
-    device = "cuda"
-
-    @classmethod
-    def skip_reason(cls, artifact: Artifact) -> str | None:
-        return _no_cuda()
 
     def _forward(self):
         stream = torch.cuda.Stream()
