@@ -14,6 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from rapc.errors import RapcError
+
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -89,8 +91,6 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def check_supported(model: nn.Module) -> None:
-    from rapc.errors import RapcError
-
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels:
             raise RapcError(f"layer {name}: grouped convolutions (groups={m.groups}) cannot be pruned safely")
