@@ -13,15 +13,15 @@
 2. Dense vs shrunk inference on PyTorch CPU at batch 1 and 64: the dense LeNet is hard
    pruned with the preset's Projector masks (filter, ratio 0.5) and physically shrunk
    with ``rapc.pipeline.shrink.shrink``, as compress() does (random weights: latency does
-   not depend on them). Dense and shrunk calls alternate in the same loop under
-   ``torch.inference_mode()``, so the speedup is a ratio from one run; it is printed
-   beside the MAC ratio of ``rapc.pipeline.measure.macs_and_params``.
+   not depend on them). They are timed with rapc bench's ``torch-eager`` backend and
+   ``rapc.bench.latency.measure``, interleaved, so the speedup is a ratio from one run;
+   it is printed beside the MAC ratio of ``rapc.pipeline.measure.macs_and_params``.
 3. Optionally the same for other registry models on random data, e.g. a CIFAR-sized
    ResNet-18 (w=16): ``--model resnet18 --data-shape 3,32,32``.
 
-Every figure comes from one timing helper: warm-up calls, then timed calls
-(``time.perf_counter`` around each) until both a minimum count and a minimum time are
-reached; mean, p50 and p90 are reported.
+Training steps are timed with ``time_calls`` below and inference with rapc bench's
+``measure``; both warm up, then time each call with ``time.perf_counter`` until a
+minimum count and a minimum time are reached; mean, p50 and p90 are reported.
 
 Run from the repository root:
 
@@ -52,6 +52,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from rapc.bench.backends import Artifact
+from rapc.bench.latency import TimingPolicy, build_backends, measure
 from rapc.config import DEFAULT_PRESET, Config, StageConfig, TrainAttackConfig, load_config
 from rapc.data import Splits, load_data, loader
 from rapc.modelio import Architecture
@@ -225,31 +227,31 @@ def hard_prune_and_shrink(model: nn.Module, example: torch.Tensor, cfg: Config) 
     return dense, shrink(model.eval(), example, cfg.shrink).model.eval()
 
 
-def compare_inference(label: str, model: nn.Module, example: torch.Tensor, cfg: Config, timing: Timing) -> list[dict[str, Any]]:
+def compare_inference(label: str, model: nn.Module, example: torch.Tensor, cfg: Config, timing: TimingPolicy) -> list[dict[str, Any]]:
+    """Dense vs shrunk with rapc bench's own torch-eager backend and interleaved timing."""
     progress.print(f"inference: {label}: hard prune + shrink, then timing dense vs shrunk at batch {', '.join(map(str, INFERENCE_BATCHES))}")
     dense, shrunk = hard_prune_and_shrink(model, example, cfg)
     costs = {"dense": macs_and_params(dense, example), "shrunk": macs_and_params(shrunk, example)}
+    shape = tuple(example.shape[1:])
+    backends, _ = build_backends(["torch-eager"], [Artifact("dense", dense, shape), Artifact("shrunk", shrunk, shape)])
     rows = []
     for batch in INFERENCE_BATCHES:
-        x = example[:batch].contiguous()
-        with torch.inference_mode():
-            stats = time_calls({"dense": lambda: dense(x), "shrunk": lambda: shrunk(x)}, timing)
+        stats = {r.artifact: r for r in measure(backends, batch, timing)}
         for variant, s in stats.items():
             macs, params = costs[variant]
-            rows.append({"model": label, "batch": batch, "variant": variant, "macs": macs, "params": params, **asdict(s),
-                         "images_per_s": batch / (s.mean_ms / 1e3),
+            rows.append({"model": label, "batch": batch, "variant": variant, "macs": macs, "params": params, **s.as_dict(),
                          "speedup_mean": stats["dense"].mean_ms / s.mean_ms, "speedup_p50": stats["dense"].p50_ms / s.p50_ms,
                          "mac_ratio": costs["dense"][0] / macs})
     return rows
 
 
-def preset_inference(cfg: Config, splits: Splits, timing: Timing) -> list[dict[str, Any]]:
+def preset_inference(cfg: Config, splits: Splits, timing: TimingPolicy) -> list[dict[str, Any]]:
     example = next(iter(loader(splits.val, max(INFERENCE_BATCHES), shuffle=False)))[0]
     model = architecture_for(cfg, splits).build()
     return compare_inference(f"{cfg.model.name} w={cfg.model.width}", model, example, cfg, timing)
 
 
-def extra_inference(name: str, shape: tuple[int, int, int], width: int, cfg: Config, timing: Timing) -> list[dict[str, Any]]:
+def extra_inference(name: str, shape: tuple[int, int, int], width: int, cfg: Config, timing: TimingPolicy) -> list[dict[str, Any]]:
     """A registry model on random images of ``shape``, pruned with the preset's pruning config."""
     channels, height, _ = shape
     args = {"num_classes": EXTRA_CLASSES, "in_channels": channels, "image_size": height, "width": width,
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     progress.print(f"torch {env['torch']}, {env['num_threads']} threads, {env['cpu_count']} CPUs; training on {device}")
 
     training = measure_training(cfg, splits, device, args)
-    timing = Timing(args.warmup, args.min_iters, args.min_seconds)
+    timing = TimingPolicy(warmup=args.warmup, min_iters=args.min_iters, min_seconds=args.min_seconds)
     inference = preset_inference(cfg, splits, timing)
     for name in args.model:
         inference += extra_inference(name, args.data_shape, args.width, cfg, timing)

@@ -23,8 +23,8 @@ from rapc.progress import Reporter, SilentReporter
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
-class Hooks:
+@dataclass(frozen=True)
+class Hooks:  # frozen: the shared default Hooks() cannot be changed by a caller
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss (ADMM's proximal term)
     before_step: Callable[[], None] | None = None  # e.g. mask gradients
     after_step: Callable[[], None] | None = None  # e.g. re-apply masks, step-wise ADMM updates
