@@ -100,18 +100,29 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(1) == y
 
 
-def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
-    """Per-example: still classified correctly after every restart of the attack (worst case over restarts)."""
+def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The worst case over the attack's restarts: per example, the image that fooled the model
+    (or the last restart's, if none did), and whether the model still classifies it correctly.
+
+    An example the model gets wrong clean is its own adversarial image.
+    """
     correct = _correct(model, x, y)
+    x_adv = x.detach().clone()
     if attack.method == "none":
-        return correct
+        return x_adv, correct
     for _ in range(attack.restarts):
         alive = correct.nonzero().squeeze(1)
         if alive.numel() == 0:
             break
-        x_adv = perturb(model, x[alive], y[alive], attack, keep_fooled=True)
-        correct[alive] = _correct(model, x_adv, y[alive])
-    return correct
+        candidate = perturb(model, x[alive], y[alive], attack, keep_fooled=True)
+        x_adv[alive] = candidate
+        correct[alive] = _correct(model, candidate, y[alive])
+    return x_adv, correct
+
+
+def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
+    """Per-example: still classified correctly after every restart of the attack (worst case over restarts)."""
+    return attack_batch(model, x, y, attack)[1]
 
 
 def evaluate(model: nn.Module, data: DataLoader, attack: AttackConfig | None, device: torch.device) -> dict[str, float]:

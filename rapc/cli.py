@@ -36,6 +36,11 @@ def main() -> None:
     physical shrinking with torch-pruning, and deployment checks."""
 
 
+def _stdout() -> Console:
+    """Tables on stdout; piped into a file or a log they keep their columns instead of wrapping at 80."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
@@ -96,7 +101,7 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None) ->
                   f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
     with RichReporter(console) as reporter:
         result = run_compress(cfg, out, reporter)
-    out_console = Console()
+    out_console = _stdout()
     out_console.print(_layer_table(result.layers))
     out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
     for note in result.notes:
@@ -162,7 +167,76 @@ def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt
     with RichReporter(console) as reporter:
         engines = EngineOptions("tensorrt-rtx" if trt_rtx else "auto", max_batch, sparse, rtx_target) if trt or trt_rtx else None
         result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, engines=engines, out=out, reporter=reporter)
-    Console().print(_export_table(result))
+    _stdout().print(_export_table(result))
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _pgd(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    steps, _, restarts = value.partition("x")
+    if not (steps.isdigit() and restarts.isdigit() and int(steps) > 0 and int(restarts) > 0):
+        raise click.BadParameter(f"expected STEPSxRESTARTS such as 50x5, got {value!r}")
+    return int(steps), int(restarts)
+
+
+def _rich(table) -> Table:
+    out = Table(title=table.title)
+    for i, header in enumerate(table.headers):
+        out.add_column(header, justify="left" if i == 0 else "right")
+    for row in table.rows:
+        out.add_row(*row)
+    return out
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--backends", default=None, metavar="NAMES",
+              help="Comma-separated latency backends (default: all; those that cannot run here are listed as skipped). "
+                   "Known: torch-eager, torch-compiled, torch-eager-cuda, torch-compiled-cuda, torch-cudagraphs, ort-cpu, ort-cuda, ort-trt, tensorrt.")
+@click.option("--batch-sizes", default="1,8,64,256", show_default=True, callback=_int_list, help="Comma-separated batch sizes for latency.")
+@click.option("--attacks", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: clean, FGSM, PGD-20x1. full: also PGD-50x5 and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square 5000).")
+@click.option("--n-eval", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images to attack.")
+@click.option("--n-autoattack", type=click.IntRange(min=1), default=None, help="AutoAttack on the first N of them (default all; it is slow on CPU).")
+@click.option("--pgd", default=None, callback=_pgd, metavar="STEPSxRESTARTS", help="The strongest PGD (default 20x1 quick, 50x5 full).")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Minimum timed seconds per batch size.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/bench).")
+def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int, n_autoattack: int | None,
+          pgd: tuple[int, int] | None, min_seconds: float, out: str | None) -> None:
+    """Latency and robust accuracy of a run's dense and compressed models, side by side.
+
+    Attacks run on the PyTorch models (fp32); their adversarial images are replayed on every
+    file `rapc export` wrote (ONNX fp32/fp16/int8, TensorRT engines). Latency is timed per
+    backend and batch size, dense and compressed interleaved in one process. Writes
+    RUN/bench/bench.json, report.md, robust_vs_latency.png and layers.png.
+    """
+    from rapc.bench.backends import BACKENDS
+    from rapc.bench.latency import TimingPolicy
+    from rapc.bench.report import skipped_lines, tables
+    from rapc.bench.run import BenchOptions, bench_run
+
+    options = BenchOptions(
+        backends=tuple(backends.split(",")) if backends else tuple(BACKENDS), batch_sizes=batch_sizes, attacks=attacks,
+        n_eval=n_eval, n_autoattack=n_autoattack, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
+    )
+    with RichReporter(Console(stderr=True)) as reporter:
+        report = bench_run(run, options, out, reporter)
+    console = _stdout()
+    for table in tables(report):
+        if not table.title.startswith("Latency"):  # the full latency table is in report.md
+            console.print(_rich(table))
+    for line in skipped_lines(report):
+        console.print(f"skipped {line}", style="dim", markup=False)
+    for warning in report["warnings"]:
+        console.print(f"warning: {warning}", style="yellow", markup=False)
+    click.echo(f"report: {Path(out or Path(run) / 'bench') / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and is listed as skipped, never dropped.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -26,7 +27,7 @@ class Artifact:
     """One model in every form bench can run it: PyTorch, ONNX, TensorRT engine."""
 
     name: str  # "dense" or "compressed"
-    model: nn.Module
+    model: nn.Module | None  # None for ONNX-only precision variants (fp16, int8)
     input_shape: tuple[int, ...]  # one image
     onnx: Path | None = None
     engine: Path | None = None
@@ -62,9 +63,15 @@ def _no_cuda() -> str | None:
 
 
 class _Torch(Backend):
+    @classmethod
+    def skip_reason(cls, artifact: Artifact) -> str | None:
+        return None if artifact.model is not None else "an ONNX-only precision variant (no PyTorch model)"
+
     def __init__(self, artifact: Artifact) -> None:
         super().__init__(artifact)
-        self.module = artifact.model.eval().to(self.device)
+        # A GPU backend gets its own copy: moving the shared module would pull it from under the CPU backends.
+        model = artifact.model if self.device == "cpu" else copy.deepcopy(artifact.model)
+        self.module = model.eval().to(self.device)  # type: ignore[union-attr]
 
     def _forward(self):
         return self.module
@@ -109,7 +116,7 @@ class _OnCuda:
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
-        return _no_cuda()
+        return _no_cuda() or super().skip_reason(artifact)  # type: ignore[misc]
 
 
 @BACKENDS.register("torch-eager-cuda")
@@ -207,15 +214,11 @@ class TensorRT(Backend):
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
+        from rapc.export.tensorrt import cannot_run_engines
+
         if artifact.engine is None:
             return "no TensorRT engine (run `rapc export --trt` first)"
-        if (reason := _no_cuda()) is not None:
-            return reason
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "TensorRT is not installed (pip install 'rapc[gpu]')"
-        return None
+        return cannot_run_engines()
 
     def __init__(self, artifact: Artifact) -> None:
         super().__init__(artifact)

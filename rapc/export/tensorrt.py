@@ -72,6 +72,17 @@ def gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
+def cannot_run_engines() -> str | None:
+    """Why a TensorRT engine cannot run on this machine, or None."""
+    if not gpu_present():
+        return "no CUDA GPU"
+    try:
+        load_backend("tensorrt")
+    except RapcError:
+        return "TensorRT is not installed (pip install 'rapc[gpu]')"
+    return None
+
+
 def choose_backend(requested: str) -> tuple[str, str | None]:
     """'auto' (``--trt``): TensorRT when importable and a CUDA GPU is present, else TensorRT for RTX
     (builds without a GPU) when installed. Returns the backend and a note on any fallback."""

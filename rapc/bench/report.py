@@ -1,0 +1,204 @@
+"""The bench report: bench.json (everything), report.md (the tables) and two plots.
+
+Tables are built once as plain rows; the Markdown file and the terminal print the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rapc.rundir import atomic_write
+
+PLOTS = ("robust_vs_latency.png", "layers.png")
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _models(report: dict[str, Any]) -> Table:
+    d, c = report["models"]["dense"], report["models"]["compressed"]
+    rows = [
+        ("params", f"{d['params']:,}", f"{c['params']:,}", _ratio(d["params"], c["params"])),
+        ("MACs per image", f"{d['macs']:,}", f"{c['macs']:,}", _ratio(d["macs"], c["macs"])),
+        ("weights file", f"{d['weights_bytes'] / 1024:.0f} KiB", f"{c['weights_bytes'] / 1024:.0f} KiB", _ratio(d["weights_bytes"], c["weights_bytes"])),
+        ("zero weights", _pct(d["sparsity"]), _pct(c["sparsity"]), ""),
+    ]
+    return Table("Models", ("", "dense", "compressed", "dense / compressed"), rows)
+
+
+def _accuracy(report: dict[str, Any]) -> Table:
+    dense, compressed = report["robustness"]["dense"], report["robustness"]["compressed"]
+    rows = [
+        (a["name"], a["description"], str(a["n"]), _pct(a["accuracy"]), _pct(b["accuracy"]))
+        for a, b in zip(dense["attacks"], compressed["attacks"])
+    ]
+    rows.append(("all", "worst case over every attack, per image", "", _pct(dense["worst_case"]), _pct(compressed["worst_case"])))
+    eps = report["plan"]["eps"]
+    return Table(f"Accuracy on PyTorch (fp32), L-inf eps {eps:g}, {report['n_eval']} test images", ("attack", "", "n", "dense", "compressed"), rows)
+
+
+def _replay(report: dict[str, Any]) -> Table | None:
+    if not report["replay"]:
+        return None
+    attacks = [a["name"] for a in report["robustness"]["dense"]["attacks"]]
+    rows = []
+    for key, entry in report["replay"].items():
+        if "accuracy" in entry:
+            rows.append((key, entry["runtime"].split(":")[0], *(_pct(entry["accuracy"].get(a)) for a in attacks), _pct(entry["accuracy"]["all"])))
+        else:
+            rows.append((key, f"not run: {entry['not_run']}", *("" for _ in attacks), ""))
+    return Table("The PyTorch adversarial images replayed on each exported artifact", ("artifact", "runtime", *attacks, "all"), rows)
+
+
+def _latency(report: dict[str, Any]) -> Table:
+    rows = [
+        (l["backend"], str(l["batch"]), l["artifact"], f"{l['mean_ms']:.3f}", f"{l['p50_ms']:.3f}", f"{l['p90_ms']:.3f}",
+         f"{l['p99_ms']:.3f}", f"{l['images_per_s']:,.0f}", f"{l['cv']:.0%}" + (" !" if l["noisy"] else ""), "-" if l["transfer_ms"] is None else f"{l['transfer_ms']:.3f}")
+        for l in sorted(report["latency"], key=lambda l: (l["backend"], l["batch"], l["artifact"]))
+    ]
+    headers = ("backend", "batch", "artifact", "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "CV", "transfer ms")
+    return Table("Latency (compute; input transfer apart)", headers, rows)
+
+
+def _speedup(report: dict[str, Any]) -> Table:
+    rows = [
+        (s["backend"], str(s["batch"]), s["artifact"], f"{s['dense_ms']:.3f}", f"{s['ms']:.3f}", f"{s['speedup']:.2f}x",
+         f"{s['mac_ratio']:.2f}x", f"{s['param_ratio']:.2f}x")
+        for s in sorted(report["speedup"], key=lambda s: (s["backend"], s["batch"], s["artifact"]))
+    ]
+    headers = ("backend", "batch", "artifact", "dense ms", "ms", "speedup", "MAC ratio", "param ratio")
+    return Table("Speedup over the dense model (same backend, batch and run; ratios are dense / artifact)", headers, rows)
+
+
+def _layers(report: dict[str, Any]) -> Table:
+    rows = []
+    for layer in report["layers"]:
+        before, after = layer["shape_before"], layer["shape_after"]
+        rows.append((layer["name"], "x".join(map(str, before)), "x".join(map(str, after)), f"{after[0]}/{before[0]}",
+                     f"{layer['macs_before']:,} -> {layer['macs_after']:,}", _pct(layer["sparsity_after"])))
+    return Table("Per layer: dense -> compressed", ("layer", "dense weight", "compressed weight", "kept filters", "MACs", "zeros left"), rows)
+
+
+def skipped_lines(report: dict[str, Any]) -> list[str]:
+    """One line per backend and reason, listing the artifacts it skipped."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for key, reason in report["skipped"].items():
+        backend, artifact = key.split(":", 1)
+        grouped.setdefault((backend, reason), []).append(artifact)
+    return [f"{backend} ({', '.join(artifacts)}): {reason}" for (backend, reason), artifacts in sorted(grouped.items())]
+
+
+def tables(report: dict[str, Any]) -> list[Table]:
+    return [t for t in (_models(report), _accuracy(report), _replay(report), _speedup(report), _latency(report), _layers(report)) if t]
+
+
+def markdown(table: Table) -> str:
+    lines = [f"## {table.title}", "", "| " + " | ".join(table.headers) + " |", "|" + "---|" * len(table.headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    device = m.get("gpu") or f"{m['processor']}, {m['cpu_count']} CPUs"
+    parts = [
+        f"# rapc bench: {report['run']}",
+        "",
+        f"{report['model']['name']} (w={report['model']['width']}) on {report['data']}, {report['pruning']['scheme']} pruning "
+        f"at ratio {report['pruning']['ratio']:g}. Measured {report['created']} on {device}; torch {m['versions'].get('torch')}, "
+        f"{m['torch_threads']} threads (onnxruntime pinned to the same).",
+        "",
+    ]
+    if report["warnings"]:
+        parts += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
+    parts += [markdown(t) for t in tables(report)]
+    if report["skipped"]:
+        parts += ["## Skipped backends", "", *(f"- {line}" for line in skipped_lines(report)), ""]
+    parts += ["## Plots", "", *(f"![{p}]({p})" for p in PLOTS), ""]
+    return "\n".join(parts)
+
+
+PRECISION_MARKERS = {"fp32": "o", "fp16": "^", "int8": "D"}
+
+
+def _plot_accuracy_vs_latency(report: dict[str, Any], path: Path) -> None:
+    """One panel per batch size. Colour: backend; marker: precision; filled: compressed, hollow: dense."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    points = [l for l in report["latency"] if l["robust_accuracy"] is not None]
+    batches = sorted({l["batch"] for l in points}) or [0]
+    cols = min(2, len(batches))
+    rows = math.ceil(len(batches) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, layout="constrained")
+    backends = sorted({l["backend"] for l in points})
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    for ax, batch in zip(axes.flat, batches):
+        for l in (l for l in points if l["batch"] == batch):
+            model, _, precision = l["artifact"].partition(".")
+            color = colors[l["backend"]]
+            ax.scatter(l["p50_ms"], l["robust_accuracy"], marker=PRECISION_MARKERS.get(precision or "fp32", "o"), s=45,
+                       edgecolors=color, facecolors=color if model == "compressed" else "none")
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency (ms, log scale)")
+        ax.set_ylabel("robust accuracy (all attacks)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(batches):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=b) for b, c in colors.items()]
+    handles += [Line2D([], [], color="0.3", marker=m, linestyle="", label=p) for p, m in PRECISION_MARKERS.items()]
+    handles += [Line2D([], [], color="0.3", marker="o", linestyle="", label="compressed (filled)"),
+                Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="", label="dense (hollow)")]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    fig.suptitle("robust accuracy vs latency")
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_layers(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    names = [l["name"] for l in layers]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5), layout="constrained")
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], [l["shape_before"][0] for l in layers], height=0.4, label="dense", color="0.7")
+    ax.barh([i - 0.2 for i in y], [l["shape_after"][0] for l in layers], height=0.4, label="compressed", color="tab:blue")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels (filters)")
+    ax.set_title("kept filters per layer")
+    ax.legend()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
+    """bench.json, report.md and the plots, each written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    files = [
+        atomic_write(out / "bench.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1))),
+        atomic_write(out / "report.md", lambda tmp: tmp.write_text(_markdown_report(report))),
+    ]
+    for name, plot in zip(PLOTS, (_plot_accuracy_vs_latency, _plot_layers)):
+        files.append(atomic_write(out / name, lambda tmp, plot=plot: plot(report, tmp)))
+    return files

@@ -1,0 +1,253 @@
+"""``rapc bench``: the run's dense and compressed models, and every file exported from them,
+measured side by side: robust accuracy on PyTorch, the same adversarial images replayed
+on each exported artifact, and latency per backend and batch size.
+
+    runs/NAME/bench/bench.json   everything, machine and library versions included
+    runs/NAME/bench/report.md    the tables
+    runs/NAME/bench/*.png        robust accuracy vs latency; kept channels per layer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapc.bench.backends import BACKENDS, Artifact
+from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure
+from rapc.bench.robustness import AttackPlan, Robustness, evaluate_robustness, replay
+from rapc.data import load_data
+from rapc.errors import RapcError
+from rapc.export.artifacts import check_set, run_config
+from rapc.export.runners import OnnxRuntimeRunner, Runner
+from rapc.export.tensorrt import TensorRTRunner, cannot_run_engines
+from rapc.modelio import WEIGHTS, load_model, read_architecture
+from rapc.pipeline.compress import resolve_device
+from rapc.pipeline.measure import compare_layers, layer_stats, macs_and_params, sparsity
+from rapc.progress import Reporter, SilentReporter
+from rapc.rundir import writable_dir
+
+MODELS = {"dense": "dense", "compressed": "model"}  # artifact name -> directory in the run (and ONNX stem)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backends: tuple[str, ...] = tuple(BACKENDS)
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
+    attacks: str = "quick"
+    n_eval: int = 1000
+    n_autoattack: int | None = None
+    pgd: tuple[int, int] | None = None
+    timing: TimingPolicy = field(default_factory=TimingPolicy)
+
+    def __post_init__(self) -> None:
+        if bad := [b for b in self.batch_sizes if b < 1]:
+            raise RapcError(f"batch sizes must be at least 1, got {bad[0]}")
+        if self.n_eval < 1:
+            raise RapcError(f"n_eval must be at least 1, got {self.n_eval}")
+        for name in self.backends:
+            BACKENDS.get(name)  # an unknown name is a one-line error before anything runs
+
+
+@dataclass(frozen=True)
+class Exported:
+    """An ONNX file of the run, and the engine built from it if any."""
+
+    artifact: str  # dense, compressed, dense.fp16, compressed.int8, ...
+    model: str  # dense or compressed
+    precision: str
+    onnx: Path
+    engine: Path | None = None
+    engine_note: str | None = None  # why the engine cannot run here; None when it can
+
+    @property
+    def runnable_engine(self) -> Path | None:
+        return self.engine if self.engine_note is None else None
+
+
+def exported_files(export: Path) -> list[Exported]:
+    """The files ``rapc export`` wrote and checked, from its fidelity.json."""
+    index = export / "fidelity.json"
+    if not index.is_file():
+        return []
+    try:
+        record = json.loads(index.read_text())
+        files, engines = record["artifacts"], record.get("engines", {})
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RapcError(f"{index} is not a fidelity report of `rapc export`; export again") from None
+    built = {e["onnx"]: (name, e) for name, e in engines.items() if (export / name).is_file()}
+    found = []
+    for filename, info in files.items():
+        if not (export / filename).is_file():
+            continue
+        model = next(k for k, v in MODELS.items() if v == info["model"])
+        artifact = model if info["precision"] == "fp32" else f"{model}.{info['precision']}"
+        engine, note = None, None
+        if filename in built:
+            name, entry = built[filename]
+            engine = export / name
+            note = cannot_run_engines() if entry["backend"] == "tensorrt" else (
+                f"a {entry['backend']} engine for {entry.get('target')} runs on that RTX-class GPU only")
+        found.append(Exported(artifact, model, info["precision"], export / filename, engine, note))
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    versions = {}
+    for package in ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "torchattacks",
+                    "tensorrt", "tensorrt-rtx", "nvidia-modelopt", "rapc"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    info = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "versions": versions, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _replays(exported: list[Exported], robustness: dict[str, Robustness], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
+    """Every exported ONNX file (onnxruntime CPU) and runnable engine on the PyTorch adversarial images."""
+    results: dict[str, dict] = {}
+    for item in exported:
+        runners: list[tuple[str, Runner | None, str | None]] = [(item.onnx.name, OnnxRuntimeRunner(item.onnx), None)]
+        if item.engine is not None:
+            runner = TensorRTRunner(item.engine) if item.engine_note is None else None
+            runners.append((item.engine.name, runner, item.engine_note))
+        for key, runner, note in runners:
+            entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision}
+            if runner is None:
+                results[key] = entry | {"not_run": note}
+                continue
+            entry |= {"runtime": runner.name, "accuracy": replay(runner, robustness[item.model], labels)}
+            results[key] = entry
+            reporter.log(f"replayed on {key}: clean {entry['accuracy']['clean']:.2%}, all attacks {entry['accuracy']['all']:.2%}")
+    return results
+
+
+def _artifacts(models: dict[str, torch.nn.Module], exported: list[Exported], input_shape: tuple[int, ...]) -> list[Artifact]:
+    """The PyTorch models with their fp32 files, then the ONNX-only precision variants."""
+    by_name = {e.artifact: e for e in exported}
+    artifacts = []
+    for name, model in models.items():
+        e = by_name.get(name)
+        artifacts.append(Artifact(name, model, input_shape, onnx=e.onnx if e else None, engine=e.runnable_engine if e else None))
+    artifacts += [Artifact(e.artifact, None, input_shape, onnx=e.onnx, engine=e.runnable_engine) for e in exported if e.precision != "fp32"]
+    return artifacts
+
+
+def _robust_accuracy(latency: Latency, robustness: dict[str, Robustness], replays: dict[str, dict], artifacts: dict[str, Artifact]) -> float | None:
+    """The worst-case robust accuracy of what this backend ran: PyTorch's, or the replay on its file."""
+    artifact = artifacts[latency.artifact]
+    if latency.backend.startswith("torch"):
+        return robustness[latency.artifact].worst_case() if latency.artifact in robustness else None
+    path = artifact.engine if latency.backend == "tensorrt" else artifact.onnx
+    entry = replays.get(path.name) if path is not None else None
+    return entry["accuracy"]["all"] if entry and "accuracy" in entry else None
+
+
+def speedups(latencies: list[Latency], models: dict[str, dict[str, Any]], artifacts: dict[str, str]) -> list[dict[str, Any]]:
+    """Each artifact against the dense model on the same backend and batch, beside the MAC and parameter ratios.
+
+    ``artifacts`` maps an artifact name to the model it comes from (dense or compressed).
+    """
+    dense = {(l.backend, l.batch): l for l in latencies if l.artifact == "dense"}
+    rows = []
+    for l in latencies:
+        base = dense.get((l.backend, l.batch))
+        if base is None or l.artifact == "dense":
+            continue
+        source = models[artifacts[l.artifact]]
+        rows.append({
+            "backend": l.backend, "batch": l.batch, "artifact": l.artifact,
+            "dense_ms": base.mean_ms, "ms": l.mean_ms, "speedup": base.mean_ms / l.mean_ms,
+            "mac_ratio": models["dense"]["macs"] / source["macs"], "param_ratio": models["dense"]["params"] / source["params"],
+        })
+    return rows
+
+
+def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str | Path | None = None,
+              reporter: Reporter | None = None) -> dict[str, Any]:
+    """Measure the run; write bench.json, report.md and the plots to ``out`` (default RUN/bench)."""
+    from rapc.bench.report import write_report
+
+    reporter = reporter or SilentReporter()
+    run = Path(run)
+    cfg = run_config(run)
+    for directory in MODELS.values():
+        if not (run / directory / WEIGHTS).is_file():
+            raise RapcError(f"{run / directory} holds no saved model; finish `rapc compress --out {run}` first")
+    out = writable_dir(out or run / "bench")
+    device = resolve_device(cfg.device)
+    splits = load_data(cfg.data, cfg.seed)
+    images, labels = check_set(splits, options.n_eval)
+    input_shape = tuple(read_architecture(run / "model").input_shape)
+    models = {name: load_model(run / directory).eval() for name, directory in MODELS.items()}
+    example = images[:2]
+
+    plan = AttackPlan(eps=cfg.attack.eval.eps, level=options.attacks, pgd=options.pgd,
+                      n_autoattack=options.n_autoattack, seed=cfg.seed)
+    robustness = {
+        name: evaluate_robustness(model.to(device), images.to(device), labels.to(device), plan,
+                                  splits.info.num_classes, reporter, name)
+        for name, model in models.items()
+    }
+    models = {name: model.cpu() for name, model in models.items()}
+    exported = exported_files(run / "export")
+    if not exported:
+        reporter.log(f"note: no exported files; run `rapc export {run} --dense` to bench ONNX Runtime and TensorRT too")
+    replays = _replays(exported, robustness, labels, reporter)
+
+    artifacts = _artifacts(models, exported, input_shape)
+    runnable, skipped = build_backends(list(options.backends), artifacts)
+    latencies: list[Latency] = []
+    reporter.begin("latency", len(options.batch_sizes))
+    for batch in options.batch_sizes:
+        latencies += measure(runnable, batch, options.timing)
+        reporter.advance()
+    reporter.end(f"latency: {len(runnable)} backend x artifact pairs at batch {', '.join(map(str, options.batch_sizes))}")
+
+    figures = {}
+    for name, model in models.items():
+        macs, params = macs_and_params(model, example)
+        figures[name] = {"params": params, "macs": macs, "sparsity": sparsity(model),
+                         "weights_bytes": (run / MODELS[name] / WEIGHTS).stat().st_size}
+    by_artifact = {a.name: a for a in artifacts}
+    source = {a.name: a.name.split(".")[0] for a in artifacts}
+    warnings = [f"{name}: {w}" for name, r in robustness.items() for w in r.warnings]
+    if noisy := sum(l.cv > options.timing.cv_warning for l in latencies):
+        warnings.append(f"{noisy} of {len(latencies)} latency figures vary by more than {options.timing.cv_warning:.0%} "
+                        "(coefficient of variation, marked ! in the latency table): a busy or throttling machine")
+    report = {
+        "run": str(run), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "data": cfg.data.name, "model": {"name": cfg.model.name, "width": cfg.model.width},
+        "pruning": {"scheme": cfg.pruning.scheme, "ratio": cfg.pruning.ratio},
+        "plan": asdict(plan), "n_eval": len(labels), "models": figures,
+        "robustness": {name: {"attacks": [a.summary() for a in r.results], "worst_case": r.worst_case(),
+                              "zero_gradients": r.zero_gradients, "warnings": r.warnings}
+                       for name, r in robustness.items()},
+        "replay": replays,
+        "exported": [{"artifact": e.artifact, "onnx": e.onnx.name, "bytes": e.onnx.stat().st_size,
+                      "engine": e.engine.name if e.engine else None, "engine_note": e.engine_note} for e in exported],
+        "timing": asdict(options.timing),
+        "latency": [l.as_dict() | {"noisy": l.cv > options.timing.cv_warning,
+                                   "robust_accuracy": _robust_accuracy(l, robustness, replays, by_artifact)} for l in latencies],
+        "speedup": speedups(latencies, figures, source),
+        "skipped": skipped,
+        "layers": compare_layers(layer_stats(models["dense"], example), layer_stats(models["compressed"], example)),
+        "warnings": warnings,
+    }
+    write_report(out, report)
+    return report

@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import matplotlib.image
+import pytest
+from click.testing import CliRunner
+
+from rapc.bench.latency import TimingPolicy
+from rapc.bench.run import BenchOptions, bench_run
+from rapc.cli import main
+from rapc.errors import RapcError
+from rapc.export.artifacts import export_run
+
+QUICK = TimingPolicy(warmup=2, min_iters=10, min_seconds=0.05)
+
+
+@pytest.fixture(scope="module")
+def benched(digits_run, tmp_path_factory):
+    run = shutil.copytree(digits_run, tmp_path_factory.mktemp("bench") / "run")
+    export_run(run, dense=True, precisions=("fp32", "int8"), n_check=50, n_calibration=64)
+    options = BenchOptions(backends=("torch-eager", "ort-cpu", "tensorrt"), batch_sizes=(1, 8), n_eval=360, timing=QUICK)
+    return run, bench_run(run, options)
+
+
+def test_onnxruntime_replay_matches_pytorch_robust_accuracy_within_half_a_point(benched):
+    _, report = benched
+    for onnx, model in (("model.onnx", "compressed"), ("dense.onnx", "dense")):
+        replayed = report["replay"][onnx]["accuracy"]
+        on_torch = {a["name"]: a["accuracy"] for a in report["robustness"][model]["attacks"]}
+        assert set(replayed) == set(on_torch) | {"all"}
+        for attack, accuracy in on_torch.items():
+            assert abs(replayed[attack] - accuracy) <= 0.005, (onnx, attack)
+        assert abs(replayed["all"] - report["robustness"][model]["worst_case"]) <= 0.005
+    assert report["robustness"]["compressed"]["worst_case"] < report["robustness"]["compressed"]["attacks"][0]["accuracy"]
+    int8 = report["replay"]["model.int8.onnx"]
+    assert int8["precision"] == "int8" and 0 < int8["accuracy"]["all"] <= int8["accuracy"]["clean"]
+
+
+def test_latency_covers_every_runnable_backend_artifact_and_batch_and_lists_the_rest(benched):
+    _, report = benched
+    timed = {(l["backend"], l["artifact"], l["batch"]) for l in report["latency"]}
+    for batch in (1, 8):
+        assert {("torch-eager", "dense", batch), ("torch-eager", "compressed", batch), ("ort-cpu", "dense", batch),
+                ("ort-cpu", "compressed", batch), ("ort-cpu", "compressed.int8", batch)} <= timed
+    assert report["skipped"]["torch-eager:compressed.int8"] == "an ONNX-only precision variant (no PyTorch model)"
+    assert report["skipped"]["tensorrt:compressed"].startswith("no TensorRT engine")
+    eager = {l["artifact"]: l for l in report["latency"] if l["backend"] == "torch-eager" and l["batch"] == 8}
+    assert eager["dense"]["robust_accuracy"] == report["robustness"]["dense"]["worst_case"]
+    speedup = next(s for s in report["speedup"] if (s["backend"], s["batch"], s["artifact"]) == ("torch-eager", 8, "compressed"))
+    assert speedup["speedup"] == pytest.approx(eager["dense"]["mean_ms"] / eager["compressed"]["mean_ms"])
+    assert speedup["mac_ratio"] > 1.5 and speedup["param_ratio"] > 1.5
+
+
+def test_report_files_are_written_and_the_plots_open(benched):
+    run, report = benched
+    out = run / "bench"
+    assert json.loads((out / "bench.json").read_text())["replay"] == report["replay"]
+    md = (out / "report.md").read_text()
+    for heading in ("## Accuracy on PyTorch", "## The PyTorch adversarial images replayed", "## Speedup over the dense model",
+                    "## Latency", "## Per layer", "## Skipped backends", "| model.int8.onnx | onnxruntime |"):
+        assert heading in md
+    for name in ("robust_vs_latency.png", "layers.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0
+    assert report["machine"]["versions"]["torch"] and report["machine"]["torch_threads"] >= 1
+    conv = [l for l in report["layers"] if l["name"].startswith("conv")]
+    assert all(l["shape_after"][0] < l["shape_before"][0] for l in conv)
+
+
+def test_bench_command_prints_tables_and_writes_the_report(benched, tmp_path):
+    run, _ = benched
+    result = CliRunner().invoke(main, ["bench", str(run), "--backends", "torch-eager", "--batch-sizes", "1",
+                                       "--n-eval", "40", "--min-seconds", "0.05", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Accuracy on PyTorch" in result.output and "Speedup over the dense model" in result.output
+    assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "0"], "batch sizes must be at least 1, got 0"),
+    (["--batch-sizes", "1,x"], "expected comma-separated integers"),
+    (["--backends", "tensorflow"], "unknown bench backend 'tensorflow'"),
+    (["--pgd", "50"], "expected STEPSxRESTARTS"),
+])
+def test_bad_bench_options_are_one_line_errors(benched, args, message):
+    run, _ = benched
+    result = CliRunner().invoke(main, ["bench", str(run), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_run_without_models_is_a_user_error(tmp_path, digits_run):
+    shutil.copy(digits_run / "config.yaml", tmp_path / "config.yaml")
+    with pytest.raises(RapcError, match="holds no saved model"):
+        bench_run(tmp_path, BenchOptions(backends=("torch-eager",)))
