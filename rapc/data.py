@@ -8,8 +8,10 @@ model selection) and test splits; the test split is used for final numbers only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,10 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from rapc.config import DataConfig
 from rapc.errors import RapcError, require
 from rapc.registry import Registry
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from torchvision.datasets import ImageFolder
 
 
 @dataclass(frozen=True)
@@ -157,24 +163,58 @@ def fashion_mnist(cfg: DataConfig, seed: int) -> Splits:
     return _torchvision(cfg, seed, info, lambda train, tf: FashionMNIST(cfg.root, train=train, transform=tf, download=cfg.download), [])
 
 
+class _Transformed(Dataset):
+    """A dataset's images passed through a transform: one scan of an image folder serves every split view."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def _open_image(path: str) -> Image:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise RapcError(f"imagefolder: {path} is not a readable image ({exc}); remove or replace it") from None
+
+
+def _image_folder(path: Path) -> ImageFolder:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(path), loader=_open_image)
+    except FileNotFoundError as exc:  # no class folder, or class folders without images
+        raise RapcError(f"imagefolder: {path} holds no images ({exc}); expected {path}/<class>/<image file>") from None
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig, seed: int) -> Splits:
     """``data.root`` holds ``train/`` and ``test/``, each with one folder per class; images are resized to 32x32 RGB."""
     from torchvision import transforms as tv
-    from torchvision.datasets import ImageFolder
 
     root = Path(cfg.root)
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise RapcError(f"imagefolder: {root / split} is not a folder (expected {root}/train/<class>/... and {root}/test/<class>/...)")
+    train, test = _image_folder(root / "train"), _image_folder(root / "test")
+    if train.classes != test.classes:  # labels are class indices: different folders would silently swap them
+        raise RapcError(f"imagefolder: {root / 'train'} has the classes {', '.join(train.classes)} but {root / 'test'} has "
+                        f"{', '.join(test.classes)}; both need the same class folders")
     size = 32
-    resize = [tv.Resize((size, size)), tv.Lambda(lambda im: im.convert("RGB"))]
 
-    def make(train: bool, tf) -> Dataset:
-        return ImageFolder(str(root / ("train" if train else "test")), transform=tv.Compose([*resize, tf]))
+    def make(is_train: bool, tf: Callable) -> Dataset:
+        return _Transformed(train if is_train else test, tv.Compose([tv.Resize((size, size)), tf]))
 
-    classes = len(ImageFolder(str(root / "train")).classes)
-    info = DatasetInfo(classes, 3, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    info = DatasetInfo(len(train.classes), 3, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     return _torchvision(cfg, seed, info, make, [tv.RandomHorizontalFlip()])
 
 
