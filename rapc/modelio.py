@@ -44,7 +44,7 @@ class Architecture:
 
             try:
                 build_graph(model, self.example()).load_pruning_history(self.pruning_history)
-            except (KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            except (KeyError, IndexError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # a malformed record
                 raise RapcError(f"pruning history does not fit the {self.builder} architecture ({exc})") from None
         return model
 
@@ -68,9 +68,16 @@ def read_architecture(directory: Path) -> Architecture:
         record = json.loads(path.read_text())
         if record.pop("format", None) != FORMAT:
             raise RapcError(f"{path}: not a {FORMAT} architecture record")
-        return Architecture(**record)
-    except (json.JSONDecodeError, TypeError) as exc:
+        architecture = Architecture(**record)
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise RapcError(f"{path}: unreadable architecture record ({exc})") from None
+    shape = architecture.input_shape
+    if not (isinstance(architecture.builder, str) and isinstance(architecture.args, dict)
+            and isinstance(architecture.pruning_history, list)
+            and isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise RapcError(f"{path}: unreadable architecture record (expected a builder name, an args mapping, "
+                        f"input_shape [channels, height, width] and a pruning_history list)")
+    return architecture
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -113,5 +120,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path, *, allow_import: bool = False) -> nn.Module:
     """The runnable model saved in ``path`` (a model dir, or a run dir for its compressed model), in eval mode."""
     directory = resolve_model_dir(path)
-    model = read_architecture(directory).build(allow_import=allow_import)
+    architecture = read_architecture(directory)
+    try:
+        model = architecture.build(allow_import=allow_import)
+    except RapcError as exc:  # an unknown builder, arguments or history that do not fit: name the file
+        raise RapcError(f"{directory / ARCHITECTURE}: {exc}") from None
     return load_weights(model, directory / WEIGHTS).eval()
