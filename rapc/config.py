@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rapc.errors import RapcError
 
@@ -37,6 +37,11 @@ class DataConfig(Strict):
     workers: Annotated[int, Field(ge=0)] = 0
 
 
+# Builder arguments that rapc sets itself; a model.kwargs entry would silently override them and
+# build a network that does not fit the data (labels beyond its classes, the wrong input channels).
+_SET_ELSEWHERE = {"num_classes": "the dataset", "in_channels": "the dataset", "image_size": "the dataset", "width": "model.width"}
+
+
 class ModelConfig(Strict):
     name: str = "lenet"
     width: PositiveInt = 16
@@ -44,6 +49,14 @@ class ModelConfig(Strict):
     allow_import: bool = Field(
         False, description="a 'package.module:factory' name imports and runs user code; opt in explicitly"
     )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _leaves_rapcs_arguments_alone(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key in kwargs:
+            if key in _SET_ELSEWHERE:
+                raise ValueError(f"{key} is set from {_SET_ELSEWHERE[key]}; remove it from model.kwargs")
+        return kwargs
 
 
 class AttackConfig(Strict):

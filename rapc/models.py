@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,7 +143,7 @@ class Normalized(nn.Module):
         return self.net(self.normalize(x))
 
 
-def _import_factory(path: str):
+def _import_factory(path: str) -> Callable:
     module_name, _, attr = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -151,6 +152,13 @@ def _import_factory(path: str):
     if not callable(factory):
         raise RapcError(f"model {path!r} is not callable")
     return factory
+
+
+def _takes(factory: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and C extensions may have no signature
+        return False
 
 
 def create_model(builder: str, *, allow_import: bool = False, **args: Any) -> nn.Module:
@@ -169,9 +177,15 @@ def create_model(builder: str, *, allow_import: bool = False, **args: Any) -> nn
         mean, std = args.pop("mean"), args.pop("std")
         for unused in ("image_size", "width"):
             args.pop(unused, None)
-        if "in_channels" not in inspect.signature(factory).parameters:
+        if not _takes(factory, "in_channels"):
             args.pop("in_channels", None)
-        return Normalized(factory(**args), mean, std)
+        try:
+            net = factory(**args)
+        except TypeError as exc:
+            raise RapcError(f"model {builder!r}: bad arguments ({exc}); check model.kwargs") from None
+        if not isinstance(net, nn.Module):
+            raise RapcError(f"model {builder!r} returned {type(net).__name__}, not a torch.nn.Module")
+        return Normalized(net, mean, std)
     try:
         return MODELS.get(builder)(**args)
     except TypeError as exc:
