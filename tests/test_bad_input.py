@@ -96,6 +96,11 @@ def truncate(path: str, size: int) -> Callable[[Path], None]:
     return lambda run: (run / path).write_bytes((run / path).read_bytes()[:size])
 
 
+def interrupted_with_corrupt_checkpoint(run: Path) -> None:
+    (run / "summary.json").unlink()  # unfinished: resume reads the checkpoints
+    (run / "checkpoints" / "retrain.pt").write_bytes(b"garbage")
+
+
 def corrupt_onnx(run: Path) -> None:
     (run / "export").mkdir()
     (run / "export" / "model.onnx").write_bytes(b"not a protobuf")
@@ -139,7 +144,11 @@ CASES = [
     ("imagefolder-classes-differ", images({"train": {"cat": 3, "dog": 3}, "test": {"cat": 2}}),
      ["{tmp}/images/train has the classes cat, dog but {tmp}/images/test has cat"]),
     ("imagefolder-unreadable-image", images(TWO_CLASSES, junk="train/cat/junk.png"), ["{tmp}/images/train/cat/junk.png is not a readable image"]),
+    ("loss-becomes-nan", compress("stages.pretrain.epochs=0", "stages.admm.epochs=1", "stages.admm.optimizer.lr=1e6", "eval.n_val=50"),
+     ["admm epoch 1: the training loss became nan", "stages.admm.optimizer.lr"]),
     # files of a run: named with what is wrong in them
+    ("corrupt-checkpoint", damaged("compress --resume", interrupted_with_corrupt_checkpoint),
+     ["{tmp}/run/checkpoints/retrain.pt: not a loadable checkpoint"]),
     ("truncated-safetensors", damaged("export", truncate("model/weights.safetensors", 500), *EXPORT),
      ["{tmp}/run/model/weights.safetensors: corrupt or truncated safetensors file"]),
     ("architecture-does-not-match-weights", damaged("export", edit_architecture(pruning_history=[]), *EXPORT),
