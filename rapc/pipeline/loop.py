@@ -2,7 +2,8 @@
 a loss term and hooks around the optimizer step, never by a copy of this loop.
 
 No host-device synchronisation per step: running sums stay on the device and are
-read a few times per epoch for the progress bar.
+read a few times per epoch for the progress bar. Those read-backs are also where a
+NaN or infinite loss is noticed, so catching it costs nothing extra.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from torch import nn
 
 from rapc.attacks import perturb
 from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
+from rapc.errors import RapcError
 from rapc.progress import Reporter, SilentReporter
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,6 +31,63 @@ class Hooks:  # frozen: the shared default Hooks() cannot be changed by a caller
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss (ADMM's proximal term)
     before_step: Callable[[], None] | None = None  # e.g. mask gradients
     after_step: Callable[[], None] | None = None  # e.g. re-apply masks, step-wise ADMM updates
+
+
+class NonFinite(RapcError):
+    """Training produced a NaN or infinite loss or weight: the stage stops without checkpointing it."""
+
+
+@dataclass
+class EpochTotals:
+    """The running sums of an epoch, kept on the device; a checkpoint inside an epoch saves them,
+    so a resumed epoch reports the same mean loss and accuracy as an uninterrupted one."""
+
+    loss: torch.Tensor  # sum of per-example losses
+    correct: torch.Tensor
+    seen: int = 0
+    steps: int = 0  # batches trained on in this epoch
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochTotals:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach() * y.numel()
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += y.numel()
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """Mean loss and accuracy so far (a host-device sync); a non-finite loss raises NonFinite."""
+        loss = float(self.loss) / max(self.seen, 1)
+        if not math.isfinite(loss):
+            raise NonFinite(f"the training loss became {loss} by step {self.steps}")
+        return {"loss": loss, "acc": float(self.correct) / max(self.seen, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "steps": self.steps}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochTotals:
+        return cls(state["loss"].to(device), state["correct"].to(device), int(state["seen"]), int(state["steps"]))
+
+
+@dataclass(frozen=True)
+class SavePoints:
+    """Checkpoints inside an epoch: every ``every`` steps, and at the first step boundary after a
+    stop was asked for (Ctrl-C), where the loop then stops with KeyboardInterrupt. Between steps
+    the weights, optimizer and random generators are consistent, so a resumed run is exact."""
+
+    save: Callable[[EpochTotals], None]
+    every: int | None = None
+    stop: Callable[[], bool] = lambda: False
+
+    def after_step(self, totals: EpochTotals) -> None:
+        stop = self.stop()
+        if stop or (self.every is not None and totals.steps % self.every == 0):
+            self.save(totals)
+        if stop:
+            raise KeyboardInterrupt
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -66,17 +126,21 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     hooks: Hooks = Hooks(),
     reporter: Reporter = SilentReporter(),
+    totals: EpochTotals | None = None,
+    save_points: SavePoints | None = None,
 ) -> dict[str, float]:
-    """One epoch of (adversarial) training; returns mean loss and accuracy on the inputs trained on."""
+    """One epoch of (adversarial) training; returns mean loss and accuracy on the inputs trained on.
+
+    ``totals`` continues an epoch that a checkpoint interrupted: ``data`` then yields only the
+    batches not yet trained on. A NaN or infinite loss raises NonFinite where it is read back.
+    """
     model.train()
     dtype = AUTOCAST[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    totals = totals or EpochTotals.zeros(device)
     # Read the running figures back about ten times an epoch (every 20 steps for unsized data).
     refresh = max(1, len(data) // 10) if hasattr(data, "__len__") else 20  # type: ignore[arg-type]
-    for step, (x, y) in enumerate(data):
+    for x, y in data:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         inputs = perturb(model, x, y, attack, dtype) if attack is not None else x
         with autocast:
@@ -98,9 +162,9 @@ def train_epoch(
         schedule.step()
         if hooks.after_step is not None:
             hooks.after_step()
-        loss_sum += loss.detach() * y.numel()
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += y.numel()
-        live = {"loss": float(loss_sum) / seen, "acc": float(correct) / seen} if step % refresh == refresh - 1 else None
-        reporter.advance(live)
-    return {"loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1)}
+        totals.add(loss, logits, y)
+        reporter.advance(totals.read() if totals.steps % refresh == 0 else None)
+        if save_points is not None:
+            save_points.after_step(totals)
+    final = totals.read()
+    return {"loss": final["loss"], "train_acc": final["acc"]}
