@@ -24,8 +24,8 @@ class RapcGroup(click.Group):
         except RapcError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: the run directory keeps the checkpoint of every finished epoch", err=True)
+        except KeyboardInterrupt:  # compress says how to resume; other commands have nothing to resume
+            click.echo("interrupted", err=True)
             sys.exit(130)
 
 
@@ -85,22 +85,38 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set pruning.ratio=0.75 --set stages.admm.epochs=10 (repeatable).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default runs/<preset or config name>).")
-def compress(config: str | None, overrides: tuple[str, ...], out: str | None) -> None:
+              help="Run directory (default runs/<preset or config name>); it must not hold a run yet.")
+@click.option("--resume", "resume_run", type=click.Path(file_okay=False), default=None, metavar="RUN",
+              help="Continue the interrupted run RUN from its last checkpoint, with its own config.yaml "
+                   "(a finished run is only re-reported).")
+def compress(config: str | None, overrides: tuple[str, ...], out: str | None, resume_run: str | None) -> None:
     """Adversarial ADMM pruning -> hard prune -> masked adversarial retraining -> physical shrink.
 
     Writes the run directory: resolved config.yaml, metrics.jsonl, stage checkpoints,
-    dense/ and model/ (architecture JSON + safetensors), summary.json.
+    dense/ and model/ (architecture JSON + safetensors), summary.json. Ctrl-C stops after
+    the current step with a checkpoint; --resume continues from it.
     """
-    from rapc.pipeline.compress import compress as run_compress
+    from rapc.pipeline.compress import compress as run_compress, resume
+    from rapc.rundir import read_run_config
 
-    cfg = load_config(config, overrides)
-    out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
+    if resume_run is not None:
+        if config or overrides or out:
+            raise RapcError("--resume continues a run with its own config.yaml and directory; drop --config, --set and --out")
+        cfg, out = read_run_config(resume_run), resume_run
+    else:
+        cfg = load_config(config, overrides)
+        out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
     console = Console(stderr=True)
-    console.print(f"rapc compress: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
+    console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
                   f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
-    with RichReporter(console) as reporter:
-        result = run_compress(cfg, out, reporter)
+    try:
+        with RichReporter(console) as reporter:
+            result = resume(out, reporter) if resume_run else run_compress(cfg, out, reporter)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: `rapc compress --resume {out}` continues from the last checkpoint", err=True)
+        sys.exit(130)
+    if result.finished_before:
+        console.print(f"{out} had already finished; nothing to do. Its results:")
     out_console = _stdout()
     out_console.print(_layer_table(result.layers))
     out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))

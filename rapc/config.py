@@ -118,6 +118,9 @@ class StageConfig(Strict):
 
 class StagesConfig(Strict):
     start_from: str | None = Field(None, description="a run dir or model dir whose dense weights replace pretraining")
+    checkpoint_every_steps: PositiveInt | None = Field(
+        None, description="also checkpoint every N training steps within an epoch; None: at epoch ends only"
+    )
     pretrain: StageConfig = Field(default_factory=StageConfig)
     admm: StageConfig = Field(default_factory=StageConfig)
     retrain: StageConfig = Field(default_factory=StageConfig)

@@ -6,7 +6,11 @@ so an interrupted run never leaves a partial file where a complete one is expect
     runs/NAME/checkpoints/STAGE.pt state dicts (loaded with weights_only=True)
     runs/NAME/dense/               the dense robust model (saved-model format)
     runs/NAME/model/               the compressed, shrunk model
-    runs/NAME/summary.json         dense vs compressed figures and the shrink report
+    runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
+                                   last, so it marks a finished run
+
+Each checkpoint records how much of metrics.jsonl it covers: a resumed run cuts the
+file back to that, so the work it redoes is not logged twice.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rapc.config import Config, dump_config
+from rapc.config import Config, dump_config, load_config
 from rapc.errors import RapcError
 
 
@@ -47,6 +51,14 @@ def writable_dir(path: str | Path) -> Path:
     return path
 
 
+def read_run_config(root: str | Path) -> Config:
+    """The resolved config of the run in ``root`` (which must exist: resuming never creates a run)."""
+    path = Path(root) / "config.yaml"
+    if not path.is_file():
+        raise RapcError(f"{root} holds no run to resume (no config.yaml there)")
+    return load_config(str(path))
+
+
 class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = writable_dir(root)
@@ -63,8 +75,20 @@ class RunDir:
     def checkpoint(self, stage: str) -> Path:
         return self.root / "checkpoints" / f"{stage}.pt"
 
-    def write_config(self, config: Config) -> None:
-        atomic_write(self.root / "config.yaml", lambda tmp: tmp.write_text(dump_config(config)))
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def start(self, config: Config) -> None:
+        """Begin a new run here; a directory that holds one is never overwritten (its work would be lost)."""
+        if self.config_path.exists():
+            raise RapcError(f"{self.root} already holds a run: `rapc compress --resume {self.root}` continues it; choose another --out for a new one")
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(dump_config(config)))
+
+    def summary(self) -> dict[str, Any] | None:
+        """The finished run's summary.json, or None while the run is unfinished."""
+        path = self.root / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def write_json(self, name: str, data: Any) -> Path:
         return atomic_write(self.root / name, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
@@ -73,11 +97,29 @@ class RunDir:
         with open(self.root / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    def _metrics_bytes(self) -> int:
+        path = self.root / "metrics.jsonl"
+        return path.stat().st_size if path.is_file() else 0
+
     def save_checkpoint(self, stage: str, state: dict[str, Any]) -> None:
+        state = {**state, "metrics_bytes": self._metrics_bytes()}
         atomic_write(self.checkpoint(stage), lambda tmp: torch.save(state, tmp))
 
-    def load_checkpoint(self, stage: str) -> dict[str, Any]:
+    def has_checkpoint(self, stage: str) -> bool:
+        return self.checkpoint(stage).is_file()
+
+    def load_checkpoint(self, stage: str, mmap: bool = False) -> dict[str, Any]:
         try:
-            return torch.load(self.checkpoint(stage), map_location="cpu", weights_only=True)
+            return torch.load(self.checkpoint(stage), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
             raise RapcError(f"{self.checkpoint(stage)}: not a loadable checkpoint ({type(exc).__name__})") from None
+
+    def rewind(self, stages: Sequence[str]) -> None:
+        """Before resuming: cut metrics.jsonl back to what the latest checkpoint (in stage order)
+        covers, and remove temporary files a kill left half-written (never the only copy of anything)."""
+        latest = next((stage for stage in reversed(stages) if self.has_checkpoint(stage)), None)
+        keep = self.load_checkpoint(latest, mmap=True)["metrics_bytes"] if latest else 0
+        if self._metrics_bytes() > keep:
+            os.truncate(self.root / "metrics.jsonl", keep)
+        for tmp in self.root.rglob(".*.tmp"):
+            tmp.unlink()

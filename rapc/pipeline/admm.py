@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,9 +55,51 @@ class AdmmState:
         values = torch.stack([(weights[n] - self.z[n]).norm() / weights[n].norm().clamp_min(1e-12) for n in self.z])
         return dict(zip((n.removesuffix(".weight") for n in self.z), values.tolist()))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"z": self.z, "u": self.u, "rho": self.rho, "updates": self.updates}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Z and U go to the device of the tensors they replace (checkpoints load on the CPU)."""
+        self.z = {n: state["z"][n].to(z.device) for n, z in self.z.items()}
+        self.u = {n: state["u"][n].to(u.device) for n, u in self.u.items()}
+        self.rho, self.updates = float(state["rho"]), int(state["updates"])
+
+
+@dataclass
+class AdmmSchedule:
+    """ADMM during its stage: the penalty at every step, a Z/U update every ``update_every`` steps
+    or epochs. The step and epoch counts are state too: a resumed stage must update when an
+    uninterrupted one would."""
+
+    weights: Mapping[str, torch.Tensor]
+    projector: Projector
+    cfg: AdmmConfig
+    state: AdmmState
+    steps: int = 0
+    epochs: int = 0
+
     @classmethod
-    def from_state_dict(cls, state: dict) -> AdmmState:
-        return cls(state["z"], state["u"], float(state["rho"]), int(state["updates"]))
+    def start(cls, weights: Mapping[str, torch.Tensor], projector: Projector, cfg: AdmmConfig) -> AdmmSchedule:
+        return cls(weights, projector, cfg, AdmmState.start(weights, projector, cfg.rho))
+
+    def penalty(self) -> torch.Tensor:
+        return self.state.penalty(self.weights)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.cfg.update_unit == "step" and self.steps % self.cfg.update_every == 0:
+            self.state.update(self.weights, self.projector, self.cfg)
+
+    def after_epoch(self) -> dict[str, Any]:
+        """Update at the epoch's end if due; the figures for the epoch's metrics record."""
+        self.epochs += 1
+        if self.cfg.update_unit == "epoch" and self.epochs % self.cfg.update_every == 0:
+            self.state.update(self.weights, self.projector, self.cfg)
+        return {"rho": self.state.rho, "admm_updates": self.state.updates, "residuals": self.state.residuals(self.weights)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"admm": self.state.state_dict(), "steps": self.steps, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state["admm"])
+        self.steps, self.epochs = int(state["steps"]), int(state["epochs"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,18 @@ from rapc.attacks import evaluate
 from rapc.config import Config, StageConfig, TrainAttackConfig
 from rapc.data import Splits, head, load_data, loader
 from rapc.errors import RapcError
-from rapc.modelio import Architecture, load_weights, read_architecture, resolve_model_dir, save_model, WEIGHTS
-from rapc.pipeline.admm import AdmmState
+from rapc.modelio import ARCHITECTURE, Architecture, load_weights, read_architecture, resolve_model_dir, save_model, WEIGHTS
+from rapc.pipeline.admm import AdmmSchedule
+from rapc.pipeline.checkpoint import StageState, Stateful, check_finite
 from rapc.pipeline.guard import OverfitGuard
-from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
+from rapc.pipeline.interrupt import StopRequest
+from rapc.pipeline.loop import EpochTotals, Hooks, NonFinite, SavePoints, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.measure import compare_layers, layer_stats, sparsity, summary
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import RunDir
+from rapc.rundir import RunDir, read_run_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +67,17 @@ def architecture_for(cfg: Config, splits: Splits) -> Architecture:
     return Architecture(cfg.model.name, args, [info.channels, info.image_size, info.image_size])
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One stage as the trainer runs it: its name and settings, and what it adds to the loop."""
+
+    name: str
+    config: StageConfig
+    hooks: Hooks
+    after_epoch: Callable[[], dict[str, Any]] | None
+    select_best: bool
+
+
 @dataclass
 class Trainer:
     """What every stage shares: the model, data, attack settings, run directory and progress."""
@@ -87,56 +100,125 @@ class Trainer:
         stage: StageConfig,
         hooks: Hooks = Hooks(),
         after_epoch: Callable[[], dict[str, Any]] | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
+        extra: Stateful | None = None,
         select_best: bool = True,
     ) -> None:
-        """Train ``stage.epochs`` epochs; keep the epoch with the best validation robust accuracy if asked."""
+        """Train ``stage.epochs`` epochs; keep the epoch with the best validation robust accuracy if asked.
+
+        A checkpoint of the stage in the run directory is continued from; a complete stage is
+        only loaded, never trained again.
+        """
         if stage.epochs == 0:
             return
-        attack_cfg = self.cfg.attack.train
-        optimizer = make_optimizer(self.model.parameters(), stage.optimizer)
-        schedule = make_schedule(optimizer, stage.schedule, len(self.train), stage.epochs)
-        scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
-        guard = (
-            OverfitGuard(self.guard_batch, self.cfg.attack.eval, attack_cfg.guard.drop)
-            if attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
-            else None
-        )
-        best_score, best_state = -1.0, None
-        for epoch in range(1, stage.epochs + 1):
-            attack = _epoch_attack(attack_cfg, stage, epoch)
-            before = copy.deepcopy(self.model.state_dict()) if guard and attack else None
-            self.reporter.begin(f"{name} {epoch}/{stage.epochs}", len(self.train))
-            start = time.perf_counter()
-            record: dict[str, Any] = {"stage": name, "epoch": epoch, "train_eps": attack.eps if attack else 0.0, "lr": optimizer.param_groups[0]["lr"]}
-            record |= train_epoch(
-                self.model, self.train, optimizer, schedule, attack=attack, device=self.device,
-                precision=self.cfg.precision, scaler=scaler, hooks=hooks, reporter=self.reporter,
-            )
-            record["train_seconds"] = time.perf_counter() - start
-            if after_epoch is not None:
-                record |= after_epoch()
-            val = self.validate()
-            record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": sparsity(self.model)}
-            collapsed = False
-            if guard is not None and before is not None:
-                record["guard_pgd"], collapsed = guard.check(self.model)
-                record["catastrophic_overfitting"] = collapsed
-            record["seconds"] = time.perf_counter() - start
-            self.run.log(record)
-            self.reporter.end(_epoch_line(record, stage.epochs))
-            if collapsed:
-                self.reporter.log(f"[yellow]warning[/]: {name} epoch {epoch}: PGD accuracy on a training batch collapsed (catastrophic overfitting of FGSM training)")
-                if attack_cfg.guard.action == "stop":
-                    self.model.load_state_dict(before)
-                    self.reporter.log(f"{name}: stopped; kept the weights of epoch {epoch - 1}")
+        plan = _Plan(name, stage, hooks, after_epoch, select_best)
+        state = self._stage_state(plan, extra)
+        if state.complete:
+            state.restore_rng()
+            return
+        with StopRequest() as stop:
+            for epoch in range(state.epoch + 1, stage.epochs + 1):
+                try:
+                    stopped = self._epoch(plan, epoch, state, stop)
+                except NonFinite as exc:
+                    kept = (f"{self.run.checkpoint(name)} keeps the last good state" if self.run.has_checkpoint(name)
+                            else "nothing of it was checkpointed")
+                    raise RapcError(f"{name} epoch {epoch}: {exc}; stopped, {kept}; try a lower stages.{name}.optimizer.lr in a new run") from None
+                if stop():
+                    raise KeyboardInterrupt
+                if stopped:
                     break
-            score = val["robust"] if attack_cfg.method != "none" else val["clean"]
-            if select_best and score >= best_score:
-                best_score, best_state = score, copy.deepcopy(self.model.state_dict())
-            self.run.save_checkpoint(name, {"model": self.model.state_dict(), "epoch": epoch, **(extra_state() if extra_state else {})})
-        if select_best and best_state is not None:
-            self.model.load_state_dict(best_state)
+        if select_best and state.best_model is not None:
+            self.model.load_state_dict(state.best_model)
+        state.complete = True
+        self._save(name, state)
+
+    def _stage_state(self, plan: _Plan, extra: Stateful | None) -> StageState:
+        """A fresh stage, or the one its checkpoint in the run directory saved."""
+        attack_cfg = self.cfg.attack.train
+        optimizer = make_optimizer(self.model.parameters(), plan.config.optimizer)
+        state = StageState(
+            self.model, optimizer, make_schedule(optimizer, plan.config.schedule, len(self.train), plan.config.epochs),
+            scaler=torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None,
+            guard=(
+                OverfitGuard(self.guard_batch, self.cfg.attack.eval, attack_cfg.guard.drop)
+                if attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
+                else None
+            ),
+            extra=extra, shuffle=self.train.generator.get_state(),
+        )
+        if self.run.has_checkpoint(plan.name):
+            state.load_state_dict(self.run.load_checkpoint(plan.name))
+            self.reporter.log(f"{plan.name}: {state.describe()}")
+        return state
+
+    def _epoch(self, plan: _Plan, epoch: int, state: StageState, stop: StopRequest) -> bool:
+        """Train, validate and checkpoint one epoch; True when the overfitting guard stops the stage."""
+        name, attack_cfg = plan.name, self.cfg.attack.train
+        attack = _epoch_attack(attack_cfg, plan.config, epoch)
+        if state.totals is None:  # a fresh epoch; a resumed one keeps what its checkpoint saved
+            state.record = {"stage": name, "epoch": epoch, "train_eps": attack.eps if attack else 0.0, "lr": state.optimizer.param_groups[0]["lr"]}
+            state.epoch_start = copy.deepcopy(self.model.state_dict()) if state.guard and attack else None
+        batches = self._epoch_batches(state)
+        self.reporter.begin(f"{name} {epoch}/{plan.config.epochs}", len(self.train) - (state.totals.steps if state.totals else 0))
+        start = time.perf_counter()
+
+        def save_inside(totals: EpochTotals) -> None:
+            state.totals = totals
+            self._save(name, state)
+
+        record = state.record | train_epoch(
+            self.model, batches, state.optimizer, state.schedule, attack=attack, device=self.device,
+            precision=self.cfg.precision, scaler=state.scaler, hooks=plan.hooks, reporter=self.reporter, totals=state.totals,
+            save_points=SavePoints(save_inside, self.cfg.stages.checkpoint_every_steps, stop),
+        )
+        record["train_seconds"] = time.perf_counter() - start
+        if plan.after_epoch is not None:
+            record |= plan.after_epoch()
+        val = self.validate()
+        record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": sparsity(self.model)}
+        collapsed = False
+        if state.guard is not None and state.epoch_start is not None:
+            record["guard_pgd"], collapsed = state.guard.check(self.model)
+            record["catastrophic_overfitting"] = collapsed
+        record["seconds"] = time.perf_counter() - start
+        self.run.log(record)
+        self.reporter.end(_epoch_line(record, plan.config.epochs))
+        if collapsed:
+            self.reporter.log(f"[yellow]warning[/]: {name} epoch {epoch}: PGD accuracy on a training batch collapsed (catastrophic overfitting of FGSM training)")
+            if attack_cfg.guard.action == "stop":
+                self.model.load_state_dict(state.epoch_start)
+                self.reporter.log(f"{name}: stopped; kept the weights of epoch {epoch - 1}")
+                return True
+        score = val["robust"] if attack_cfg.method != "none" else val["clean"]
+        if plan.select_best and score >= state.best_score:
+            state.best_score, state.best_model = score, copy.deepcopy(self.model.state_dict())
+        state.finish_epoch(epoch, self.train.generator.get_state())
+        self._save(name, state)
+        return False
+
+    def _epoch_batches(self, state: StageState) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of the epoch in progress, from the shuffle generator's state at its start.
+
+        After a resume inside the epoch the batches already trained on are drawn again and dropped
+        (loading them is cheap next to adversarial steps); only then are the global generators
+        restored, because drawing them may have run random augmentation.
+        """
+        self.train.generator.set_state(state.shuffle)
+        if state.totals is None:
+            state.restore_rng()
+            return self.train
+        batches = iter(self.train)
+        for _ in range(state.totals.steps):
+            next(batches)
+        state.restore_rng()
+        return batches
+
+    def _save(self, name: str, state: StageState) -> None:
+        """Checkpoint the stage; a NaN is found first and never written over the last good checkpoint."""
+        if state.totals is not None:
+            state.totals.read()
+        check_finite(self.model)
+        self.run.save_checkpoint(name, state.state_dict())
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -179,13 +261,35 @@ class CompressResult:
     compressed: dict[str, Any]
     layers: list[dict[str, Any]]
     notes: list[str]
+    finished_before: bool = False  # a resumed run that had already finished: re-reported, not retrained
+
+
+STAGES = ("pretrain", "admm", "retrain")
 
 
 def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> CompressResult:
-    """Run the whole pipeline; everything is written under ``out``."""
-    reporter = reporter or SilentReporter()
+    """Run the whole pipeline in a new run directory ``out``; everything is written under it."""
     run = RunDir(out)
-    run.write_config(cfg)
+    run.start(cfg)
+    return _pipeline(cfg, run, reporter or SilentReporter())
+
+
+def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult:
+    """Continue the interrupted run in ``out`` from its last checkpoints, with its own config.
+
+    Finished stages are loaded, not redone; the result equals that of an uninterrupted run
+    (exactly on CPU). A run that had already finished is only re-reported.
+    """
+    cfg = read_run_config(out)
+    run = RunDir(out)
+    summary = run.summary()
+    if summary is not None:
+        return CompressResult(run.root, summary["dense"], summary["compressed"], summary["layers"], summary["notes"], finished_before=True)
+    run.rewind(STAGES)
+    return _pipeline(cfg, run, reporter or SilentReporter())
+
+
+def _pipeline(cfg: Config, run: RunDir, reporter: Reporter) -> CompressResult:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, cfg.seed)
@@ -200,45 +304,33 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> 
     _check_input(model, example, cfg)
     trainer = Trainer(cfg, model, device, run, train, val, guard_batch, reporter)
 
-    if cfg.stages.start_from:
+    dense_saved = (run.dense / ARCHITECTURE).is_file()
+    if dense_saved:  # resuming after pretraining: the saved dense model is reused
+        load_weights(model, run.dense / WEIGHTS)
+    elif cfg.stages.start_from:
         _start_weights(model, cfg.stages.start_from)
     trainer.stage("pretrain", cfg.stages.pretrain)
     dense = copy.deepcopy(model).eval()
-    save_model(dense, architecture, run.dense)
+    if not dense_saved:
+        save_model(dense, architecture, run.dense)
 
     projector = Projector(model, example, cfg.pruning)
     for note in projector.notes:
         reporter.log(f"note: {note}")
     params = dict(model.named_parameters())
-    admm = AdmmState.start(params, projector, cfg.admm.rho)
-    step_updates = cfg.admm.update_unit == "step"
-    counter = {"steps": 0, "epochs": 0}
-
-    def admm_step() -> None:
-        counter["steps"] += 1
-        if step_updates and counter["steps"] % cfg.admm.update_every == 0:
-            admm.update(params, projector, cfg.admm)
-
-    def admm_epoch() -> dict[str, Any]:
-        counter["epochs"] += 1
-        if not step_updates and counter["epochs"] % cfg.admm.update_every == 0:
-            admm.update(params, projector, cfg.admm)
-        return {"rho": admm.rho, "admm_updates": admm.updates, "residuals": admm.residuals(params)}
-
+    admm = AdmmSchedule.start(params, projector, cfg.admm)
     trainer.stage(
-        "admm", cfg.stages.admm, Hooks(penalty=lambda: admm.penalty(params), after_step=admm_step),
-        after_epoch=admm_epoch, extra_state=lambda: {"admm": admm.state_dict()}, select_best=False,
+        "admm", cfg.stages.admm, Hooks(penalty=admm.penalty, after_step=admm.after_step),
+        after_epoch=admm.after_epoch, extra=admm, select_best=False,
     )
 
     masks = MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params))
     masks.apply()
-    hard = trainer.validate()
-    run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": sparsity(model)})
-    reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {sparsity(model):.3f}")
-    trainer.stage(
-        "retrain", cfg.stages.retrain, Hooks(before_step=masks.mask_grads, after_step=masks.apply),
-        extra_state=lambda: {"masks": masks.state_dict()},
-    )
+    if not run.has_checkpoint("retrain"):  # else retraining had begun and this was logged before it
+        hard = trainer.validate()
+        run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": sparsity(model)})
+        reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {sparsity(model):.3f}")
+    trainer.stage("retrain", cfg.stages.retrain, Hooks(before_step=masks.mask_grads, after_step=masks.apply), extra=masks)
 
     model.eval()
     result = shrink(model, example, cfg.shrink)

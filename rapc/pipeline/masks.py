@@ -15,9 +15,8 @@ from torch import nn
 
 class MaskSet:
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
-        self.pairs = [(params[name], mask.to(params[name].device, params[name].dtype)) for name, mask in masks.items()]
-        self.masks = dict(masks)
+        self.params = dict(model.named_parameters())
+        self.load_state_dict(masks)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -32,3 +31,7 @@ class MaskSet:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: mask.cpu() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, masks: Mapping[str, torch.Tensor]) -> None:
+        self.pairs = [(self.params[name], mask.to(self.params[name].device, self.params[name].dtype)) for name, mask in masks.items()]
+        self.masks = dict(masks)
