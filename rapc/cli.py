@@ -16,13 +16,17 @@ from rapc.progress import RichReporter
 
 
 class RapcGroup(click.Group):
-    """Turns user mistakes (RapcError) into one line on stderr and exit code 2."""
+    """Turns user mistakes (RapcError, and click's own bad options) into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RapcError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
             sys.exit(2)
         except KeyboardInterrupt:  # compress says how to resume; other commands have nothing to resume
             click.echo("interrupted", err=True)
@@ -248,7 +252,7 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
     for table in tables(report):
         if not table.title.startswith("Latency"):  # the full latency table is in report.md
             console.print(_rich(table))
-    for line in skipped_lines(report):
+    for line in skipped_lines(report["skipped"]):
         console.print(f"skipped {line}", style="dim", markup=False)
     for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False)

@@ -206,7 +206,6 @@ def test_a_gpu_backend_without_a_gpu_is_listed_as_skipped_with_the_reason(tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="pending in rapc/bench: with no runnable backend, measure() raises StopIteration")
 def test_only_unrunnable_backends_is_a_one_line_error_naming_them(tmp_path, digits_run):
     result = CliRunner().invoke(main, ["bench", str(digits_run), "--out", str(tmp_path), "--n-eval", "10",
                                        "--backends", "torch-eager-cuda", "--batch-sizes", "1"])

@@ -164,11 +164,12 @@ class _OnnxRuntime(Backend):
         super().__init__(artifact)
         import onnxruntime as ort
 
+        from rapc.export.runners import OnnxRuntimeRunner
+
         self.ort = ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same pinned thread count as PyTorch
-        self.session = ort.InferenceSession(str(artifact.onnx), options, providers=[self.provider])
-        self.input_name = self.session.get_inputs()[0].name
+        # the same pinned thread count as PyTorch, so CPU figures compare like with like
+        runner = OnnxRuntimeRunner(artifact.onnx, (self.provider,), threads=torch.get_num_threads())  # type: ignore[arg-type]
+        self.session, self.input_name = runner.session, runner.input
 
     def prepare(self, batch: int) -> None:
         self.host = np.random.rand(batch, *self.artifact.input_shape).astype(np.float32)

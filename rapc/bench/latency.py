@@ -82,6 +82,8 @@ def measure(backends: Mapping[tuple[str, str], Backend], batch: int, policy: Tim
     """Time every (backend name, artifact name) -> backend at one batch size, interleaved."""
     if batch < 1:
         raise RapcError(f"batch size must be at least 1, got {batch}")
+    if not backends:
+        return []
     for backend in backends.values():
         backend.prepare(batch)
     timers = {key: _timer(b) for key, b in backends.items()}

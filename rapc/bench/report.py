@@ -95,10 +95,10 @@ def _layers(report: dict[str, Any]) -> Table:
     return Table("Per layer: dense -> compressed", ("layer", "dense weight", "compressed weight", "kept filters", "MACs", "zeros left"), rows)
 
 
-def skipped_lines(report: dict[str, Any]) -> list[str]:
+def skipped_lines(skipped: dict[str, str]) -> list[str]:
     """One line per backend and reason, listing the artifacts it skipped."""
     grouped: dict[tuple[str, str], list[str]] = {}
-    for key, reason in report["skipped"].items():
+    for key, reason in skipped.items():
         backend, artifact = key.split(":", 1)
         grouped.setdefault((backend, reason), []).append(artifact)
     return [f"{backend} ({', '.join(artifacts)}): {reason}" for (backend, reason), artifacts in sorted(grouped.items())]
@@ -129,7 +129,7 @@ def _markdown_report(report: dict[str, Any]) -> str:
         parts += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
     parts += [markdown(t) for t in tables(report)]
     if report["skipped"]:
-        parts += ["## Skipped backends", "", *(f"- {line}" for line in skipped_lines(report)), ""]
+        parts += ["## Skipped backends", "", *(f"- {line}" for line in skipped_lines(report["skipped"])), ""]
     parts += ["## Plots", "", *(f"![{p}]({p})" for p in PLOTS), ""]
     return "\n".join(parts)
 

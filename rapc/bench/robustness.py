@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,14 @@ class Robustness:
     zero_gradients: int  # clean-correct examples whose input gradient is exactly zero
     warnings: list[str]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, numbers and strings only, so it loads with ``torch.load(weights_only=True)``."""
+        return {"results": [asdict(r) for r in self.results], "zero_gradients": self.zero_gradients, "warnings": self.warnings}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Robustness:
+        return cls([AttackResult(**r) for r in state["results"]], state["zero_gradients"], state["warnings"])
+
     def by_name(self) -> dict[str, AttackResult]:
         return {r.name: r for r in self.results}
 
@@ -148,7 +157,7 @@ def autoattack(
         alive = correct.nonzero().squeeze(1)
         reporter.begin(f"{title} {name}", math.ceil(len(alive) / batch))
         for chunk in alive.split(batch):
-            adv = _project(part(x[chunk], y[chunk]), x[chunk], eps)
+            adv = _project(part(x[chunk], y[chunk]).detach(), x[chunk], eps)
             images[chunk] = adv
             correct[chunk] = _predict(model, adv, batch) == y[chunk]
             reporter.advance()

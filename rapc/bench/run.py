@@ -9,6 +9,8 @@ on each exported artifact, and latency per backend and batch size.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import platform
@@ -22,6 +24,7 @@ import torch
 
 from rapc.bench.backends import BACKENDS, Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure
+from rapc.bench.report import skipped_lines, write_report
 from rapc.bench.robustness import AttackPlan, Robustness, evaluate_robustness, replay
 from rapc.data import load_data
 from rapc.errors import RapcError
@@ -32,7 +35,7 @@ from rapc.modelio import WEIGHTS, load_model, read_architecture
 from rapc.pipeline.compress import resolve_device
 from rapc.pipeline.measure import compare_layers, layer_stats, macs_and_params, sparsity
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import writable_dir
+from rapc.rundir import atomic_write, writable_dir
 
 MODELS = {"dense": "dense", "compressed": "model"}  # artifact name -> directory in the run (and ONNX stem)
 
@@ -118,23 +121,58 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _replays(exported: list[Exported], robustness: dict[str, Robustness], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
-    """Every exported ONNX file (onnxruntime CPU) and runnable engine on the PyTorch adversarial images."""
-    results: dict[str, dict] = {}
+ReplayTarget = tuple[Exported, Runner | None, str | None]  # the file, its runner, or why it cannot run
+
+
+def _replay_targets(exported: list[Exported]) -> dict[str, ReplayTarget]:
+    """A runner for every exported ONNX file (onnxruntime CPU) and runnable engine, opened up front:
+    a corrupt file fails in seconds, not after the attacks."""
+    targets: dict[str, ReplayTarget] = {}
     for item in exported:
-        runners: list[tuple[str, Runner | None, str | None]] = [(item.onnx.name, OnnxRuntimeRunner(item.onnx), None)]
+        targets[item.onnx.name] = (item, OnnxRuntimeRunner(item.onnx), None)
         if item.engine is not None:
             runner = TensorRTRunner(item.engine) if item.engine_note is None else None
-            runners.append((item.engine.name, runner, item.engine_note))
-        for key, runner, note in runners:
-            entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision}
-            if runner is None:
-                results[key] = entry | {"not_run": note}
-                continue
-            entry |= {"runtime": runner.name, "accuracy": replay(runner, robustness[item.model], labels)}
-            results[key] = entry
-            reporter.log(f"replayed on {key}: clean {entry['accuracy']['clean']:.2%}, all attacks {entry['accuracy']['all']:.2%}")
+            targets[item.engine.name] = (item, runner, item.engine_note)
+    return targets
+
+
+def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Robustness], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
+    """Each target's accuracy on the adversarial images crafted on its PyTorch model."""
+    results: dict[str, dict] = {}
+    for key, (item, runner, note) in targets.items():
+        entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision}
+        if runner is None:
+            results[key] = entry | {"not_run": note}
+            continue
+        entry |= {"runtime": runner.name, "accuracy": replay(runner, robustness[item.model], labels)}
+        results[key] = entry
+        reporter.log(f"replayed on {key}: clean {entry['accuracy']['clean']:.2%}, all attacks {entry['accuracy']['all']:.2%}")
     return results
+
+
+def _attack_key(plan: AttackPlan, n_eval: int, weights: Path) -> str:
+    """What the attack results depend on: the plan, the images and the exact weights."""
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return json.dumps({"plan": asdict(plan), "n_eval": n_eval, "weights": digest}, sort_keys=True)
+
+
+def _robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: AttackPlan, n_classes: int,
+                device: torch.device, cache: Path, key: str, reporter: Reporter, title: str) -> Robustness:
+    """The attacks on one model, or their saved results from an earlier bench with the same key:
+    AutoAttack takes long on a CPU, and a later failure or Ctrl-C must not cost it again."""
+    if cache.is_file():
+        try:
+            state = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # a stale or damaged cache is recomputed, never trusted
+            state = {}
+        if state.get("key") == key:
+            reporter.log(f"{title}: attack results reused from {cache}")
+            return Robustness.from_state_dict(state)
+    on_device = copy.deepcopy(model).to(device)  # the CPU latency backends keep the original
+    result = evaluate_robustness(on_device, images.to(device), labels.to(device), plan, n_classes, reporter, title)
+    cache.parent.mkdir(exist_ok=True)
+    atomic_write(cache, lambda tmp: torch.save({"key": key, **result.state_dict()}, tmp))
+    return result
 
 
 def _artifacts(models: dict[str, torch.nn.Module], exported: list[Exported], input_shape: tuple[int, ...]) -> list[Artifact]:
@@ -181,8 +219,6 @@ def speedups(latencies: list[Latency], models: dict[str, dict[str, Any]], artifa
 def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str | Path | None = None,
               reporter: Reporter | None = None) -> dict[str, Any]:
     """Measure the run; write bench.json, report.md and the plots to ``out`` (default RUN/bench)."""
-    from rapc.bench.report import write_report
-
     reporter = reporter or SilentReporter()
     run = Path(run)
     cfg = run_config(run)
@@ -197,21 +233,25 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     models = {name: load_model(run / directory).eval() for name, directory in MODELS.items()}
     example = images[:2]
 
-    plan = AttackPlan(eps=cfg.attack.eval.eps, level=options.attacks, pgd=options.pgd,
-                      n_autoattack=options.n_autoattack, seed=cfg.seed)
-    robustness = {
-        name: evaluate_robustness(model.to(device), images.to(device), labels.to(device), plan,
-                                  splits.info.num_classes, reporter, name)
-        for name, model in models.items()
-    }
-    models = {name: model.cpu() for name, model in models.items()}
     exported = exported_files(run / "export")
     if not exported:
         reporter.log(f"note: no exported files; run `rapc export {run} --dense` to bench ONNX Runtime and TensorRT too")
-    replays = _replays(exported, robustness, labels, reporter)
-
+    targets = _replay_targets(exported)
     artifacts = _artifacts(models, exported, input_shape)
     runnable, skipped = build_backends(list(options.backends), artifacts)
+    if not runnable:
+        reasons = "; ".join(skipped_lines(skipped))
+        raise RapcError(f"none of the requested backends can run here: {reasons}; choose others with --backends")
+
+    plan = AttackPlan(eps=cfg.attack.eval.eps, level=options.attacks, pgd=options.pgd,
+                      n_autoattack=options.n_autoattack, seed=cfg.seed)
+    robustness = {
+        name: _robustness(model, images, labels, plan, splits.info.num_classes, device, out / "attacks" / f"{name}.pt",
+                          _attack_key(plan, len(labels), run / MODELS[name] / WEIGHTS), reporter, name)
+        for name, model in models.items()
+    }
+    replays = _replays(targets, robustness, labels, reporter)
+
     latencies: list[Latency] = []
     reporter.begin("latency", len(options.batch_sizes))
     for batch in options.batch_sizes:

@@ -2,7 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from rapc.bench.robustness import AttackPlan, AttackResult, autoattack, evaluate_robustness, sanity_warnings, zero_gradient_count
+from rapc.bench.robustness import (
+    AttackPlan, AttackResult, autoattack, evaluate_robustness, replay, sanity_warnings, zero_gradient_count,
+)
+from rapc.export.runners import TorchRunner
 from rapc.errors import RapcError
 from rapc.modelio import load_model
 
@@ -52,6 +55,8 @@ def test_autoattack_at_reference_settings_reports_no_more_than_pgd(robust_lenet,
     assert set(aa.details) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     assert sum(aa.details.values()) == int(by_name["clean"].correct.sum() - aa.correct.sum())
     assert (aa.images - x).abs().max() <= 0.1 + 1e-6
+    replayed = replay(TorchRunner(robust_lenet), result, y)  # the saved images fool the model again, exactly
+    assert replayed["autoattack"] == pytest.approx(aa.accuracy) and replayed["all"] == pytest.approx(result.worst_case())
 
 
 def test_autoattack_is_deterministic_for_a_fixed_seed(robust_lenet, digits_batch):

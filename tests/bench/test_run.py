@@ -92,3 +92,14 @@ def test_a_run_without_models_is_a_user_error(tmp_path, digits_run):
     shutil.copy(digits_run / "config.yaml", tmp_path / "config.yaml")
     with pytest.raises(RapcError, match="holds no saved model"):
         bench_run(tmp_path, BenchOptions(backends=("torch-eager",)))
+
+
+def test_attack_results_are_cached_per_plan_and_weights_and_reused(benched, tmp_path, monkeypatch):
+    run, report = benched
+    assert (run / "bench" / "attacks" / "compressed.pt").is_file()
+    with monkeypatch.context() as patched:
+        patched.setattr("rapc.bench.run.evaluate_robustness", lambda *a, **k: pytest.fail("attacked again"))
+        again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, timing=QUICK), out=run / "bench")
+    assert again["robustness"] == report["robustness"]
+    fewer = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=100, timing=QUICK), out=tmp_path)
+    assert fewer["n_eval"] == 100 and all(a["n"] == 100 for a in fewer["robustness"]["dense"]["attacks"])
