@@ -13,8 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+DEMO_RUN := runs/mnist-lenet-filter
+
+# A second `make demo` resumes an interrupted demo run or re-reports a finished one.
 demo: setup
-	$(VENV)/bin/rapc compress
+	if [ -f $(DEMO_RUN)/config.yaml ]; then $(VENV)/bin/rapc compress --resume $(DEMO_RUN); else $(VENV)/bin/rapc compress; fi
 
 test: setup
 	$(PY) -m pytest -q

@@ -47,7 +47,7 @@ def writable_dir(path: str | Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise RapcError(f"cannot write the run directory {path} ({exc.strerror or exc})") from None
+        raise RapcError(f"cannot write to {path} ({exc.strerror or exc})") from None
     return path
 
 
@@ -80,8 +80,12 @@ class RunDir:
         return self.root / "config.yaml"
 
     def start(self, config: Config) -> None:
-        """Begin a new run here; a directory that holds one is never overwritten (its work would be lost)."""
-        if self.config_path.exists():
+        """Begin a new run here; a directory that holds one is never overwritten (its work would be lost).
+
+        A config.yaml alone is no work: a run that failed on its input before training may start again.
+        """
+        started = (self.root / "metrics.jsonl").exists() or self.dense.exists() or any((self.root / "checkpoints").glob("*.pt"))
+        if started:
             raise RapcError(f"{self.root} already holds a run: `rapc compress --resume {self.root}` continues it; choose another --out for a new one")
         atomic_write(self.config_path, lambda tmp: tmp.write_text(dump_config(config)))
 

@@ -90,7 +90,10 @@ class Projector:
                 layers = {s.layer for s in members}
                 whole = layers >= {s.layer for s in slots}
                 attached = tuple(a for a in group.attached if scheme == "filter" and (a.owner in layers or (a.owner is None and whole)))
-                self.units.append(GroupUnit(group, members, attached, min(self.plans[n].ratio for n in layers)))
+                ratio = min(self.plans[n].ratio for n in layers)
+                if round((1.0 - ratio) * group.size) < 1:
+                    self.notes.append(f"{', '.join(sorted(layers))}: ratio {ratio:g} would prune all {group.size} channels; 1 is kept")
+                self.units.append(GroupUnit(group, members, attached, ratio))
                 grouped |= {f"{n}/{scheme}" for n in layers}
         for name, plan in self.plans.items():
             if plan.scheme in ("filter", "channel") and f"{name}/{plan.scheme}" in grouped:

@@ -103,3 +103,12 @@ def test_nm_layers_with_too_few_input_channels_stay_dense_with_a_note():
     params = dict(model.named_parameters())
     mask = projector.masks({n: params[n] for n in projector.targets})["conv2.weight"]
     assert mask.float().mean() == pytest.approx(0.5)
+
+
+def test_a_ratio_that_would_prune_every_filter_keeps_one_and_says_so():
+    model = _lenet(width=2)  # conv1 has 4 filters: ratio 0.9 rounds to none kept
+    projector = Projector(model, torch.rand(2, 1, 8, 8), PruningConfig(scheme="filter", ratio=0.9))
+    assert any(note.startswith("conv1: ratio 0.9 would prune all 4 channels; 1 is kept") for note in projector.notes)
+    params = dict(model.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets})
+    assert len(_kept_filters(masks["conv1.weight"])) == 1

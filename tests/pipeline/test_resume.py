@@ -156,3 +156,14 @@ def test_resume_takes_the_run_as_it_is_and_a_new_run_never_overwrites_one(refere
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0], result.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_run_that_failed_on_its_input_before_training_can_be_started_again(tmp_path, digits_cfg):
+    from rapc.errors import RapcError
+    from rapc.rundir import RunDir
+
+    RunDir(tmp_path / "run").start(digits_cfg)
+    RunDir(tmp_path / "run").start(digits_cfg)  # only config.yaml: no work to lose
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RapcError, match="already holds a run"):
+        RunDir(tmp_path / "run").start(digits_cfg)
