@@ -35,6 +35,7 @@ class Artifact:
 
 class Backend:
     device: ClassVar[str] = "cpu"
+    runs: ClassVar[str]  # what of the artifact it runs: "model" (PyTorch), "onnx" or "engine"
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
@@ -63,6 +64,8 @@ def _no_cuda() -> str | None:
 
 
 class _Torch(Backend):
+    runs = "model"
+
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
         return None if artifact.model is not None else "an ONNX-only precision variant (no PyTorch model)"
@@ -149,6 +152,7 @@ class TorchCudaGraphs(_OnCuda, _Torch):
 
 class _OnnxRuntime(Backend):
     provider: ClassVar[str]
+    runs = "onnx"
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
@@ -212,6 +216,7 @@ class OrtTensorRT(OrtCuda):
 @BACKENDS.register("tensorrt")
 class TensorRT(Backend):
     device = "cuda"
+    runs = "engine"
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:

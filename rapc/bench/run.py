@@ -188,12 +188,12 @@ def _artifacts(models: dict[str, torch.nn.Module], exported: list[Exported], inp
 
 def _robust_accuracy(latency: Latency, robustness: dict[str, Robustness], replays: dict[str, dict], artifacts: dict[str, Artifact]) -> float | None:
     """The worst-case robust accuracy of what this backend ran: PyTorch's, or the replay on its file."""
-    artifact = artifacts[latency.artifact]
-    if latency.backend.startswith("torch"):
-        return robustness[latency.artifact].worst_case() if latency.artifact in robustness else None
-    path = artifact.engine if latency.backend == "tensorrt" else artifact.onnx
-    entry = replays.get(path.name) if path is not None else None
-    return entry["accuracy"]["all"] if entry and "accuracy" in entry else None
+    runs = BACKENDS.get(latency.backend).runs
+    if runs == "model":
+        return robustness[latency.artifact].worst_case()
+    path = getattr(artifacts[latency.artifact], runs)
+    entry = replays.get(path.name, {})
+    return entry["accuracy"]["all"] if "accuracy" in entry else None
 
 
 def speedups(latencies: list[Latency], models: dict[str, dict[str, Any]], artifacts: dict[str, str]) -> list[dict[str, Any]]:
