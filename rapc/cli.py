@@ -101,6 +101,7 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     the current step with a checkpoint; --resume continues from it.
     """
     from rapc.pipeline.compress import compress as run_compress, resume
+    from rapc.pipeline.distributed import env_rank
     from rapc.rundir import read_run_config
 
     if resume_run is not None:
@@ -110,7 +111,7 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     else:
         cfg = load_config(config, overrides)
         out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=env_rank() != 0)  # the other ranks of a torchrun: rank 0 reports
     console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
                   f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
     try:
@@ -119,6 +120,8 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     except KeyboardInterrupt:
         click.echo(f"interrupted: `rapc compress --resume {out}` continues from the last checkpoint", err=True)
         sys.exit(130)
+    if result is None:
+        return
     if result.finished_before:
         console.print(f"{out} had already finished; nothing to do. Its results:")
     out_console = _stdout()

@@ -171,7 +171,10 @@ class EvalConfig(Strict):
 class Config(Strict):
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of training steps; bf16 on GPUs that have it")
+    channels_last: bool = Field(False, description="train with NHWC weights and activations (faster convolutions on tensor-core GPUs)")
+    compile: bool = Field(False, description="torch.compile the training module (first steps slower while it compiles)")
+    cudnn_benchmark: bool = Field(False, description="let cuDNN time its algorithms for the input shapes (CUDA only; not bit-reproducible)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     attack: AttacksConfig = Field(default_factory=AttacksConfig)

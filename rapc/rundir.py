@@ -127,3 +127,26 @@ class RunDir:
             os.truncate(self.root / "metrics.jsonl", keep)
         for tmp in self.root.rglob(".*.tmp"):
             tmp.unlink()
+
+
+class ReadOnlyRunDir(RunDir):
+    """The run directory as the other ranks of a torchrun see it: rank 0 writes it; they read
+    what rank 0 wrote (checkpoints) and write nothing."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def start(self, config: Config) -> None:
+        pass
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.root / name
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, stage: str, state: dict[str, Any]) -> None:
+        pass
+
+    def rewind(self, stages: Sequence[str]) -> None:
+        pass

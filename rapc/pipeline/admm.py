@@ -9,7 +9,7 @@ weights computes the same Z and U.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,10 +77,25 @@ class AdmmSchedule:
     state: AdmmState
     steps: int = 0
     epochs: int = 0
+    # Called with the state after it is made and after every update: under torchrun, a check
+    # that every rank computed the same Z and U.
+    check: Callable[[AdmmState], None] | None = None
 
     @classmethod
-    def start(cls, weights: Mapping[str, torch.Tensor], projector: Projector, cfg: AdmmConfig) -> AdmmSchedule:
-        return cls(weights, projector, cfg, AdmmState.start(weights, projector, cfg.rho))
+    def start(
+        cls, weights: Mapping[str, torch.Tensor], projector: Projector, cfg: AdmmConfig, check: Callable[[AdmmState], None] | None = None,
+    ) -> AdmmSchedule:
+        schedule = cls(weights, projector, cfg, AdmmState.start(weights, projector, cfg.rho), check=check)
+        schedule._checked()
+        return schedule
+
+    def _update(self) -> None:
+        self.state.update(self.weights, self.projector, self.cfg)
+        self._checked()
+
+    def _checked(self) -> None:
+        if self.check is not None:
+            self.check(self.state)
 
     def penalty(self) -> torch.Tensor:
         return self.state.penalty(self.weights)
@@ -88,13 +103,13 @@ class AdmmSchedule:
     def after_step(self) -> None:
         self.steps += 1
         if self.cfg.update_unit == "step" and self.steps % self.cfg.update_every == 0:
-            self.state.update(self.weights, self.projector, self.cfg)
+            self._update()
 
     def after_epoch(self) -> dict[str, Any]:
         """Update at the epoch's end if due; the figures for the epoch's metrics record."""
         self.epochs += 1
         if self.cfg.update_unit == "epoch" and self.epochs % self.cfg.update_every == 0:
-            self.state.update(self.weights, self.projector, self.cfg)
+            self._update()
         return {"rho": self.state.rho, "admm_updates": self.state.updates, "residuals": self.state.residuals(self.weights)}
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from rapc.config import Config, StageConfig, TrainAttackConfig
 from rapc.data import Splits, head, load_data, loader
 from rapc.errors import RapcError
 from rapc.modelio import ARCHITECTURE, Architecture, load_weights, read_architecture, resolve_model_dir, save_model, WEIGHTS
-from rapc.pipeline.admm import AdmmSchedule
+from rapc.pipeline.admm import AdmmSchedule, AdmmState
 from rapc.pipeline.checkpoint import StageState, Stateful, check_finite
+from rapc.pipeline.distributed import Ranks, session, set_epoch, under_torchrun
 from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.interrupt import StopRequest
 from rapc.pipeline.loop import EpochTotals, Hooks, NonFinite, SavePoints, make_optimizer, make_schedule, train_epoch
@@ -31,8 +32,9 @@ from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.measure import compare_layers, layer_stats, sparsity, summary
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
+from rapc.pipeline.speed import training_module
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import RunDir, read_run_config
+from rapc.rundir import ReadOnlyRunDir, RunDir, read_run_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,7 +82,11 @@ class _Plan:
 
 @dataclass
 class Trainer:
-    """What every stage shares: the model, data, attack settings, run directory and progress."""
+    """What every stage shares: the model, data, attack settings, run directory and progress.
+
+    ``model`` is the user's module (names ``conv1.weight``): checkpoints, hooks and evaluation use
+    it. ``train_model`` is the module training steps go through (DDP, compiled), sharing its weights.
+    """
 
     cfg: Config
     model: nn.Module
@@ -90,9 +96,12 @@ class Trainer:
     val: DataLoader
     guard_batch: tuple[torch.Tensor, torch.Tensor]
     reporter: Reporter = field(default_factory=SilentReporter)
+    ranks: Ranks = field(default_factory=Ranks)
+    train_model: nn.Module | None = None  # None: ``model`` itself
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val, self.cfg.attack.eval, self.device)
+        """Validation accuracies, computed on rank 0 and the same on every rank (they choose the best epoch)."""
+        return self.ranks.from_main(lambda: evaluate(self.model, self.val, self.cfg.attack.eval, self.device))
 
     def stage(
         self,
@@ -158,7 +167,7 @@ class Trainer:
         if state.totals is None:  # a fresh epoch; a resumed one keeps what its checkpoint saved
             state.record = {"stage": name, "epoch": epoch, "train_eps": attack.eps if attack else 0.0, "lr": state.optimizer.param_groups[0]["lr"]}
             state.epoch_start = copy.deepcopy(self.model.state_dict()) if state.guard and attack else None
-        batches = self._epoch_batches(state)
+        batches = self._epoch_batches(state, name, epoch)
         self.reporter.begin(f"{name} {epoch}/{plan.config.epochs}", len(self.train) - (state.totals.steps if state.totals else 0))
         start = time.perf_counter()
 
@@ -167,19 +176,24 @@ class Trainer:
             self._save(name, state)
 
         record = state.record | train_epoch(
-            self.model, batches, state.optimizer, state.schedule, attack=attack, device=self.device,
+            self.train_model or self.model, batches, state.optimizer, state.schedule, attack=attack, device=self.device,
             precision=self.cfg.precision, scaler=state.scaler, hooks=plan.hooks, reporter=self.reporter, totals=state.totals,
             save_points=SavePoints(save_inside, self.cfg.stages.checkpoint_every_steps, stop),
+            reduce=(lambda totals: totals.summed(self.ranks.all_sum)) if self.ranks.enabled else None,
         )
         record["train_seconds"] = time.perf_counter() - start
         if plan.after_epoch is not None:
             record |= plan.after_epoch()
-        val = self.validate()
-        record |= {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": sparsity(self.model)}
-        collapsed = False
-        if state.guard is not None and state.epoch_start is not None:
-            record["guard_pgd"], collapsed = state.guard.check(self.model)
-            record["catastrophic_overfitting"] = collapsed
+
+        def judge() -> dict[str, Any]:  # on rank 0 only: the guard's PGD draws random starts
+            val = evaluate(self.model, self.val, self.cfg.attack.eval, self.device)
+            figures = {"val_clean": val["clean"], "val_robust": val["robust"], "sparsity": sparsity(self.model)}
+            if state.guard is not None and state.epoch_start is not None:
+                figures["guard_pgd"], figures["catastrophic_overfitting"] = state.guard.check(self.model)
+            return figures
+
+        record |= self.ranks.from_main(judge)
+        collapsed = record.get("catastrophic_overfitting", False)
         record["seconds"] = time.perf_counter() - start
         self.run.log(record)
         self.reporter.end(_epoch_line(record, plan.config.epochs))
@@ -189,14 +203,14 @@ class Trainer:
                 self.model.load_state_dict(state.epoch_start)
                 self.reporter.log(f"{name}: stopped; kept the weights of epoch {epoch - 1}")
                 return True
-        score = val["robust"] if attack_cfg.method != "none" else val["clean"]
+        score = record["val_robust"] if attack_cfg.method != "none" else record["val_clean"]
         if plan.select_best and score >= state.best_score:
             state.best_score, state.best_model = score, copy.deepcopy(self.model.state_dict())
         state.finish_epoch(epoch, self.train.generator.get_state())
         self._save(name, state)
         return False
 
-    def _epoch_batches(self, state: StageState) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, state: StageState, name: str, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of the epoch in progress, from the shuffle generator's state at its start.
 
         After a resume inside the epoch the batches already trained on are drawn again and dropped
@@ -204,6 +218,7 @@ class Trainer:
         restored, because drawing them may have run random augmentation.
         """
         self.train.generator.set_state(state.shuffle)
+        set_epoch(self.train, name, epoch)
         if state.totals is None:
             state.restore_rng()
             return self.train
@@ -267,11 +282,27 @@ class CompressResult:
 STAGES = ("pretrain", "admm", "retrain")
 
 
-def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> CompressResult:
-    """Run the whole pipeline in a new run directory ``out``; everything is written under it."""
-    run = RunDir(out)
-    run.start(cfg)
-    return _pipeline(cfg, run, reporter or SilentReporter())
+def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> CompressResult | None:
+    """Run the whole pipeline in a new run directory ``out``; everything is written under it.
+
+    Under torchrun every rank calls this; rank 0 writes the run and returns its result, the
+    others return None.
+    """
+    with session(resolve_device(cfg.device)) as (ranks, device):
+        error = ranks.from_main(lambda: _start(out, cfg))
+        if error is not None:
+            raise RapcError(error)
+        run = RunDir(out) if ranks.is_main else ReadOnlyRunDir(out)
+        return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device)
+
+
+def _start(out: str | Path, cfg: Config) -> str | None:
+    """Begin the run on rank 0; what went wrong, for every rank to raise."""
+    try:
+        RunDir(out).start(cfg)
+    except RapcError as exc:
+        return str(exc)
+    return None
 
 
 def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult:
@@ -280,29 +311,34 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult:
     Finished stages are loaded, not redone; the result equals that of an uninterrupted run
     (exactly on CPU). A run that had already finished is only re-reported.
     """
+    if under_torchrun():
+        raise RapcError(f"--resume runs in one process (resuming under torchrun is not supported yet): `rapc compress --resume {out}`")
     cfg = read_run_config(out)
     run = RunDir(out)
     summary = run.summary()
     if summary is not None:
         return CompressResult(run.root, summary["dense"], summary["compressed"], summary["layers"], summary["notes"], finished_before=True)
     run.rewind(STAGES)
-    return _pipeline(cfg, run, reporter or SilentReporter())
+    return _pipeline(cfg, run, reporter or SilentReporter(), Ranks(), resolve_device(cfg.device))
 
 
-def _pipeline(cfg: Config, run: RunDir, reporter: Reporter) -> CompressResult:
+def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device) -> CompressResult | None:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     splits = load_data(cfg.data, cfg.seed)
     architecture = architecture_for(cfg, splits)
     model = architecture.build(allow_import=cfg.model.allow_import).to(device)
+    if ranks.enabled:  # DDP starts every rank from rank 0's weights; attacks' random starts differ per rank
+        torch.manual_seed(cfg.seed + ranks.rank)
     pin = device.type == "cuda"
-    train = loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.data.workers, pin=pin)
+    train = ranks.train_loader(splits.train, cfg.data.batch_size, seed=cfg.seed, workers=cfg.data.workers, pin=pin)
+    if train is None:
+        train = loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.data.workers, pin=pin)
     val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, pin=pin)
     test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, pin=pin)
     guard_batch = next(iter(loader(splits.train, 256, shuffle=False)))
     example = next(iter(val))[0][:64].to(device)
     _check_input(model, example, cfg)
-    trainer = Trainer(cfg, model, device, run, train, val, guard_batch, reporter)
+    trainer = Trainer(cfg, model, device, run, train, val, guard_batch, reporter, ranks, training_module(model, cfg, device, ranks))
 
     dense_saved = (run.dense / ARCHITECTURE).is_file()
     if dense_saved:  # resuming after pretraining: the saved dense model is reused
@@ -311,14 +347,14 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter) -> CompressResult:
         _start_weights(model, cfg.stages.start_from)
     trainer.stage("pretrain", cfg.stages.pretrain)
     dense = copy.deepcopy(model).eval()
-    if not dense_saved:
+    if not dense_saved and ranks.is_main:
         save_model(dense, architecture, run.dense)
 
     projector = Projector(model, example, cfg.pruning)
     for note in projector.notes:
         reporter.log(f"note: {note}")
     params = dict(model.named_parameters())
-    admm = AdmmSchedule.start(params, projector, cfg.admm)
+    admm = AdmmSchedule.start(params, projector, cfg.admm, check=_same_on_every_rank(ranks) if ranks.enabled else None)
     trainer.stage(
         "admm", cfg.stages.admm, Hooks(penalty=admm.penalty, after_step=admm.after_step),
         after_epoch=admm.after_epoch, extra=admm, select_best=False,
@@ -331,8 +367,11 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter) -> CompressResult:
         run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": sparsity(model)})
         reporter.log(f"hard prune: val clean/PGD {hard['clean']:.3f}/{hard['robust']:.3f}  sparsity {sparsity(model):.3f}")
     trainer.stage("retrain", cfg.stages.retrain, Hooks(before_step=masks.mask_grads, after_step=masks.apply), extra=masks)
+    ranks.assert_same(masks.masks, "the retraining masks")
+    if not ranks.is_main:  # rank 0 shrinks, evaluates on the test split and writes the result
+        return None
 
-    model.eval()
+    model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: the shrink and files use NCHW
     result = shrink(model, example, cfg.shrink)
     save_model(result.model, Architecture(architecture.builder, architecture.args, architecture.input_shape, result.history), run.model)
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
@@ -362,3 +401,10 @@ def _check_input(model: nn.Module, example: torch.Tensor, cfg: Config) -> None:
         ) from None
     finally:
         model.train()
+
+
+def _same_on_every_rank(ranks: Ranks) -> Callable[[AdmmState], None]:
+    """ADMM's Z and U come from the DDP-synchronised weights, so every rank must hold the same; checked at each update."""
+    def check(state: AdmmState) -> None:
+        ranks.assert_same({**{f"z.{n}": z for n, z in state.z.items()}, **{f"u.{n}": u for n, u in state.u.items()}}, "ADMM's Z and U")
+    return check

@@ -64,6 +64,11 @@ class EpochTotals:
             raise NonFinite(f"the training loss became {loss} by step {self.steps}")
         return {"loss": loss, "acc": float(self.correct) / max(self.seen, 1)}
 
+    def summed(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> EpochTotals:
+        """These sums added up by ``all_sum`` (over the ranks of a distributed run); ``steps`` stays per rank."""
+        total = all_sum(torch.stack([self.loss.double(), self.correct.double(), torch.tensor(float(self.seen), device=self.loss.device, dtype=torch.float64)]))
+        return EpochTotals(total[0].to(self.loss.dtype), total[1].long(), int(total[2]), self.steps)
+
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "steps": self.steps}
 
@@ -128,11 +133,14 @@ def train_epoch(
     reporter: Reporter = SilentReporter(),
     totals: EpochTotals | None = None,
     save_points: SavePoints | None = None,
+    reduce: Callable[[EpochTotals], EpochTotals] | None = None,
 ) -> dict[str, float]:
     """One epoch of (adversarial) training; returns mean loss and accuracy on the inputs trained on.
 
     ``totals`` continues an epoch that a checkpoint interrupted: ``data`` then yields only the
     batches not yet trained on. A NaN or infinite loss raises NonFinite where it is read back.
+    ``reduce`` turns this process's sums into the figures returned (the sums over all ranks under
+    torchrun); the live figures stay this process's own.
     """
     model.train()
     dtype = AUTOCAST[precision]
@@ -166,5 +174,5 @@ def train_epoch(
         reporter.advance(totals.read() if totals.steps % refresh == 0 else None)
         if save_points is not None:
             save_points.after_step(totals)
-    final = totals.read()
+    final = (reduce(totals) if reduce is not None else totals).read()
     return {"loss": final["loss"], "train_acc": final["acc"]}
