@@ -253,10 +253,16 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     replays = _replays(targets, robustness, labels, reporter)
 
     latencies: list[Latency] = []
-    reporter.begin("latency", len(options.batch_sizes))
+    # The artifacts of one backend are interleaved (their ratio comes from one run); backends run
+    # one after another, since two runtimes' thread pools alternating on the same cores slow each other.
+    by_backend: dict[str, dict] = {}
+    for key, backend in runnable.items():
+        by_backend.setdefault(key[0], {})[key] = backend
+    reporter.begin("latency", len(options.batch_sizes) * len(by_backend))
     for batch in options.batch_sizes:
-        latencies += measure(runnable, batch, options.timing)
-        reporter.advance()
+        for group in by_backend.values():
+            latencies += measure(group, batch, options.timing)
+            reporter.advance()
     reporter.end(f"latency: {len(runnable)} backend x artifact pairs at batch {', '.join(map(str, options.batch_sizes))}")
 
     figures = {}

@@ -39,6 +39,9 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3  # errors only: fp16 graphs log a constant-folding warning per node
         if threads:
             options.intra_op_num_threads = threads
+        # Idle worker threads sleep instead of spinning: a spinning pool steals the cores from
+        # whatever runs next (another session, PyTorch), which wrecked interleaved timings.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
