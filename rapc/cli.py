@@ -262,5 +262,47 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
     click.echo(f"report: {Path(out or Path(run) / 'bench') / 'report.md'}")
 
 
+def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@main.command()
+@click.option("--config", "-c", default=None, metavar="FILE|PRESET",
+              help=f"YAML config file or preset name (default {DEFAULT_PRESET}); its pruning scheme and ratio are set per cell.")
+@click.option("--ratios", default="2,4", show_default=True, callback=_float_list,
+              help="Comma-separated compression factors (4: pruning.ratio 0.75, a quarter of each layer kept).")
+@click.option("--schemes", default="filter", show_default=True, help="Comma-separated pruning schemes.")
+@click.option("--rows", default="rapc,scratch", show_default=True,
+              help="Comma-separated rows: rapc (the pipeline), scratch (rapc's shrunk architecture trained from random init).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value (repeatable).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Study directory (default runs/study-<config name>).")
+def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str, overrides: tuple[str, ...], out: str | None) -> None:
+    """rapc's pipeline beside baselines, for every compression ratio and scheme, in one table.
+
+    Rows: rapc (adversarial dense -> ADMM -> masked retrain -> shrink) and scratch (the same
+    shrunk architecture, random init, adversarially trained for rapc's ADMM + retraining
+    epochs). Each row lives in OUT/r<ratio>-<scheme>/<row>/; a finished row is not rerun.
+    Writes OUT/study.json and OUT/study.md.
+    """
+    from rapc.study import HEADERS, study as run_study, table_rows
+
+    cfg = load_config(config, overrides)
+    out = out or str(Path("runs") / f"study-{Path(config or DEFAULT_PRESET).stem}")
+    console = Console(stderr=True)
+    with RichReporter(console) as reporter:
+        result = run_study(cfg, out, ratios, tuple(schemes.split(",")), tuple(rows.split(",")), reporter)
+    table = Table(title=f"rapc study (test split, PGD eps {cfg.attack.eval.eps:g})")
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i < 3 else "right")
+    for cells in table_rows(result):
+        table.add_row(*cells)
+    _stdout().print(table)
+    click.echo(f"not implemented yet: {', '.join(result.not_implemented)}")
+    click.echo(f"report: {result.out / 'study.md'}")
+
+
 if __name__ == "__main__":
     main()
