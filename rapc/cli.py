@@ -209,15 +209,6 @@ def _pgd(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple
     return int(steps), int(restarts)
 
 
-def _rich(table) -> Table:
-    out = Table(title=table.title)
-    for i, header in enumerate(table.headers):
-        out.add_column(header, justify="left" if i == 0 else "right")
-    for row in table.rows:
-        out.add_row(*row)
-    return out
-
-
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--backends", default=None, metavar="NAMES",
@@ -254,7 +245,7 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
     console = _stdout()
     for table in tables(report):
         if not table.title.startswith("Latency"):  # the full latency table is in report.md
-            console.print(_rich(table))
+            console.print(table.rich())
     for line in skipped_lines(report["skipped"]):
         console.print(f"skipped {line}", style="dim", markup=False)
     for warning in report["warnings"]:
@@ -287,19 +278,14 @@ def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str
     epochs). Each row lives in OUT/r<ratio>-<scheme>/<row>/; a finished row is not rerun.
     Writes OUT/study.json and OUT/study.md.
     """
-    from rapc.study import HEADERS, study as run_study, table_rows
+    from rapc.study import study as run_study, table
 
     cfg = load_config(config, overrides)
     out = out or str(Path("runs") / f"study-{Path(config or DEFAULT_PRESET).stem}")
     console = Console(stderr=True)
     with RichReporter(console) as reporter:
         result = run_study(cfg, out, ratios, tuple(schemes.split(",")), tuple(rows.split(",")), reporter)
-    table = Table(title=f"rapc study (test split, PGD eps {cfg.attack.eval.eps:g})")
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i < 3 else "right")
-    for cells in table_rows(result):
-        table.add_row(*cells)
-    _stdout().print(table)
+    _stdout().print(table(result, cfg.attack.eval.eps).rich())
     click.echo(f"not implemented yet: {', '.join(result.not_implemented)}")
     click.echo(f"report: {result.out / 'study.md'}")
 

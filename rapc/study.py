@@ -41,6 +41,7 @@ from rapc.pipeline.speed import training_module
 from rapc.progress import Reporter, SilentReporter
 from rapc.registry import Registry
 from rapc.rundir import RunDir, atomic_write, writable_dir
+from rapc.tables import Table
 
 ROW_FILE = "row.json"
 ROW_CONFIG = "study-config.yaml"
@@ -202,24 +203,23 @@ def study(cfg: Config, out: str | Path, ratios: Sequence[float], schemes: Sequen
 HEADERS = ("ratio", "scheme", "row", "params", "vs dense", "MACs", "clean", "PGD", "epochs", "train s")
 
 
-def table_rows(result: StudyResult) -> list[tuple[str, ...]]:
-    """The study as text cells under HEADERS, for Markdown and the terminal alike."""
-    return [
+def table(result: StudyResult, eps: float) -> Table:
+    """The study as text cells, for Markdown and the terminal alike."""
+    rows = [
         (f"{row['ratio']:g}x", row["scheme"], row["row"], f"{row['params']:,}",
          f"{row['dense_params'] / row['params']:.2f}x smaller", f"{row['macs']:,}", f"{row['clean']:.2%}",
          f"{row['robust']:.2%}", " + ".join(f"{n} {e}" for n, e in row["epochs"].items()), f"{row['train_seconds']:.1f}")
         for row in result.rows
     ]
+    return Table(f"rapc study (test split, PGD eps {eps:g})", HEADERS, rows, label_columns=3)
 
 
 def markdown(result: StudyResult, eps: float) -> str:
-    lines = [
+    return "\n".join([
         "# rapc study", "",
-        f"Test split; PGD at eps {eps:g} (pixel units). `scratch`: rapc's shrunk architecture, random init, "
-        "adversarially trained for as many epochs as rapc's ADMM + retraining (the pretraining stage's recipe). "
-        "`train s`: seconds in training steps, validation excluded; rapc's include its dense pretraining.", "",
-        "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in table_rows(result)), "",
+        "`scratch`: rapc's shrunk architecture, random init, adversarially trained for as many epochs as rapc's "
+        "ADMM + retraining (the pretraining stage's recipe). `train s`: seconds in training steps, validation "
+        "excluded; rapc's include its dense pretraining.", "",
+        table(result, eps).markdown(),
         f"Not implemented yet: {', '.join(result.not_implemented)}.", "",
-    ]
-    return "\n".join(lines)
+    ])

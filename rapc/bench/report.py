@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rapc.rundir import atomic_write
+from rapc.tables import Table
 
 PLOTS = ("robust_vs_latency.png", "layers.png")
-
-
-@dataclass(frozen=True)
-class Table:
-    title: str
-    headers: tuple[str, ...]
-    rows: list[tuple[str, ...]]
 
 
 def _pct(x: float | None) -> str:
@@ -108,12 +101,6 @@ def tables(report: dict[str, Any]) -> list[Table]:
     return [t for t in (_models(report), _accuracy(report), _replay(report), _speedup(report), _latency(report), _layers(report)) if t]
 
 
-def markdown(table: Table) -> str:
-    lines = [f"## {table.title}", "", "| " + " | ".join(table.headers) + " |", "|" + "---|" * len(table.headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
-    return "\n".join(lines) + "\n"
-
-
 def _markdown_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     device = m.get("gpu") or f"{m['processor']}, {m['cpu_count']} CPUs"
@@ -127,7 +114,7 @@ def _markdown_report(report: dict[str, Any]) -> str:
     ]
     if report["warnings"]:
         parts += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
-    parts += [markdown(t) for t in tables(report)]
+    parts += [t.markdown() for t in tables(report)]
     if report["skipped"]:
         parts += ["## Skipped backends", "", *(f"- {line}" for line in skipped_lines(report["skipped"])), ""]
     parts += ["## Plots", "", *(f"![{p}]({p})" for p in PLOTS), ""]

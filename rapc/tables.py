@@ -1,0 +1,28 @@
+"""Result tables built once as text rows, then written as Markdown or printed with rich."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.table import Table as RichTable
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    label_columns: int = 1  # the first columns hold names (left-aligned); the rest hold figures
+
+    def markdown(self) -> str:
+        lines = [f"## {self.title}", "", "| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def rich(self) -> RichTable:
+        out = RichTable(title=self.title)
+        for i, header in enumerate(self.headers):
+            out.add_column(header, justify="left" if i < self.label_columns else "right")
+        for row in self.rows:
+            out.add_row(*row)
+        return out
