@@ -33,7 +33,7 @@ from rapc.export.runners import OnnxRuntimeRunner, Runner
 from rapc.export.tensorrt import TensorRTRunner, cannot_run_engines
 from rapc.modelio import WEIGHTS, load_model, read_architecture
 from rapc.pipeline.compress import resolve_device
-from rapc.pipeline.measure import compare_layers, layer_stats, macs_and_params, sparsity
+from rapc.pipeline.measure import compare_layers, layer_stats, summary
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import atomic_write, writable_dir
 
@@ -265,11 +265,8 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
             reporter.advance()
     reporter.end(f"latency: {len(runnable)} backend x artifact pairs at batch {', '.join(map(str, options.batch_sizes))}")
 
-    figures = {}
-    for name, model in models.items():
-        macs, params = macs_and_params(model, example)
-        figures[name] = {"params": params, "macs": macs, "sparsity": sparsity(model),
-                         "weights_bytes": (run / MODELS[name] / WEIGHTS).stat().st_size}
+    figures = {name: summary(model, example) | {"weights_bytes": (run / MODELS[name] / WEIGHTS).stat().st_size}
+               for name, model in models.items()}
     by_artifact = {a.name: a for a in artifacts}
     source = {a.name: a.name.split(".")[0] for a in artifacts}
     warnings = [f"{name}: {w}" for name, r in robustness.items() for w in r.warnings]
