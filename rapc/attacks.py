@@ -60,8 +60,12 @@ def pgd(
     if eps == 0:
         return x.detach()
     x = x.detach()
+    # Both constraints are boxes around delta=0 (|delta| <= eps, 0 <= x+delta <= 1), so clamping to
+    # one after the other equals one clamp to their intersection, computed once per batch: each step
+    # is then three in-place passes (sign, scaled add, clamp) instead of seven with five new tensors.
+    lower, upper = (-x).clamp_(min=-eps), (1 - x).clamp_(max=eps)
     delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta.clamp_(lower, upper)
     autocast = (
         torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     )
@@ -71,13 +75,12 @@ def pgd(
             with autocast:
                 logits = model(x + delta)
             loss = F.cross_entropy(logits.float(), y)
-            (grad,) = torch.autograd.grad(loss, delta)
+            (grad,) = torch.autograd.grad(loss, delta)  # a fresh tensor: free to overwrite
             with torch.no_grad():
-                move = step * grad.sign()
+                direction = grad.sign_()
                 if keep_fooled:
-                    move *= (logits.argmax(1) == y).view(-1, *[1] * (x.dim() - 1))
-                delta = (delta + move).clamp_(-eps, eps)
-                delta = (x + delta).clamp_(0, 1) - x
+                    direction.mul_((logits.argmax(1) == y).view(-1, *[1] * (x.dim() - 1)))
+                delta.add_(direction, alpha=step).clamp_(lower, upper)
     return (x + delta).detach()
 
 

@@ -45,6 +45,40 @@ def test_adversarial_examples_stay_in_the_eps_ball_and_pixel_range(trained_lenet
     assert (x_adv != x).any()
 
 
+def _pgd_two_clamps(model, x, y, *, eps, step, steps, random_start, keep_fooled):
+    """pgd() as first written: the eps-ball and the pixel range clamped one after the other."""
+    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    delta = (x + delta).clamp_(0, 1) - x
+    with frozen_bn_stats(model):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits = model(x + delta)
+            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), delta)
+            with torch.no_grad():
+                move = step * grad.sign()
+                if keep_fooled:
+                    move *= (logits.argmax(1) == y).view(-1, 1, 1, 1)
+                delta = (delta + move).clamp_(-eps, eps)
+                delta = (x + delta).clamp_(0, 1) - x
+    return (x + delta).detach()
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+@pytest.mark.parametrize("keep_fooled", [True, False])
+def test_one_clamp_to_the_box_intersection_gives_the_adversarial_examples_of_two_clamps(trained_lenet, digits_batch, random_start, keep_fooled):
+    x, y = digits_batch
+    x = x[:64].clone()
+    x[:, :, :2] = 0.0  # pixels on both edges of [0, 1], where the pixel range binds before the eps-ball
+    x[:, :, -2:] = 1.0
+    examples = []
+    for attack in (pgd, _pgd_two_clamps):
+        torch.manual_seed(3)
+        examples.append(attack(trained_lenet, x, y[:64], eps=0.3, step=0.1, steps=5, random_start=random_start, keep_fooled=keep_fooled))
+    fused, two_clamps = examples
+    torch.testing.assert_close(fused, two_clamps, rtol=0, atol=1e-6)
+    assert (fused - x).abs().max() > 0.29 and fused.min() == 0 and fused.max() == 1  # both bounds were reached
+
+
 def test_attack_does_not_move_batchnorm_running_statistics():
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, in_channels=1, image_size=8, width=1, mean=[0.5], std=[0.25]).train()
