@@ -193,7 +193,9 @@ def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt
     _stdout().print(_export_table(result))
 
 
-def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
@@ -266,27 +268,41 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option("--ratios", default="2,4", show_default=True, callback=_float_list,
               help="Comma-separated compression factors (4: pruning.ratio 0.75, a quarter of each layer kept).")
 @click.option("--schemes", default="filter", show_default=True, help="Comma-separated pruning schemes.")
-@click.option("--rows", default="rapc,scratch", show_default=True,
-              help="Comma-separated rows: rapc (the pipeline), scratch (rapc's shrunk architecture trained from random init).")
+@click.option("--rows", default=None,
+              help="Comma-separated rows (default all): rapc (the pipeline), scratch (rapc's shrunk architecture, random init), inherited "
+                   "(the same, the dense model's initial weights), finetune-standard (natural dense, magnitude pruned, adversarially "
+                   "fine-tuned), oneshot-magnitude (robust dense, magnitude pruned, adversarially fine-tuned).")
+@click.option("--n-autoattack", default=None, type=int,
+              help="Standard AutoAttack on the first N test images of every model (default 100; 0: none).")
+@click.option("--backends", default=None,
+              help="Comma-separated latency backends (default ort-cpu,ort-cuda,torch-cudagraphs; those that cannot run here are listed as skipped).")
+@click.option("--batch-sizes", default=None, callback=_int_list, help="Comma-separated latency batch sizes (default 1,64).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value (repeatable).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Study directory (default runs/study-<config name>).")
-def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str, overrides: tuple[str, ...], out: str | None) -> None:
-    """rapc's pipeline beside baselines, for every compression ratio and scheme, in one table.
+def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str | None, n_autoattack: int | None, backends: str | None,
+          batch_sizes: tuple[int, ...] | None, overrides: tuple[str, ...], out: str | None) -> None:
+    """rapc's pipeline beside four baselines, for every compression ratio and scheme, in one table.
 
-    Rows: rapc (adversarial dense -> ADMM -> masked retrain -> shrink) and scratch (the same
-    shrunk architecture, random init, adversarially trained for rapc's ADMM + retraining
-    epochs). Each row lives in OUT/r<ratio>-<scheme>/<row>/; a finished row is not rerun.
-    Writes OUT/study.json and OUT/study.md.
+    Two dense models (robust and natural) are trained once and shared; every row trains
+    the same total epochs. Each row lives in OUT/r<ratio>-<scheme>/<row>/ and a finished
+    row is not rerun. Writes OUT/study.json, OUT/study.md and OUT/study.png (robust
+    accuracy vs MACs).
     """
-    from rapc.study import study as run_study, table
+    from rapc.bench.report import skipped_lines
+    from rapc.study import StudyOptions, study as run_study
+    from rapc.study.report import table
 
     cfg = load_config(config, overrides)
+    given = {"rows": rows and tuple(rows.split(",")), "n_autoattack": n_autoattack,
+             "backends": backends and tuple(backends.split(",")), "batch_sizes": batch_sizes}
+    options = StudyOptions(ratios, tuple(schemes.split(",")), **{k: v for k, v in given.items() if v is not None})
     out = out or str(Path("runs") / f"study-{Path(config or DEFAULT_PRESET).stem}")
     console = Console(stderr=True)
     with RichReporter(console) as reporter:
-        result = run_study(cfg, out, ratios, tuple(schemes.split(",")), tuple(rows.split(",")), reporter)
-    _stdout().print(table(result, cfg.attack.eval.eps).rich())
-    click.echo(f"not implemented yet: {', '.join(result.not_implemented)}")
+        result = run_study(cfg, out, options, reporter)
+    _stdout().print(table(result.report).rich())
+    for line in skipped_lines(result.report["skipped"]):
+        console.print(f"skipped {line}", style="dim", markup=False)
     click.echo(f"report: {result.out / 'study.md'}")
 
 

@@ -1,20 +1,27 @@
-"""rapc study on digits: rapc's pipeline and the from-scratch baseline, cached per row."""
+"""rapc study on digits: the shared dense models and the five rows of one cell, cached per row."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from rapc.bench.latency import TimingPolicy
 from rapc.cli import main
 from rapc.config import Config, load_config
 from rapc.errors import RapcError
-from rapc.pipeline.compress import Trainer
-from rapc.study import DEFAULT_ROWS, ROWS, study
+from rapc.modelio import read_architecture
+from rapc.pipeline.compress import Trainer, architecture_for
+from rapc.study import DEFAULT_ROWS, StudyOptions, study
+from rapc.study.rows import _to_dense_init, initial_shrunk
 
 TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1")
+QUICK = TimingPolicy(warmup=2, min_iters=5, min_seconds=0.05)
+OPTIONS = StudyOptions(ratios=(2.0,), schemes=("filter",), n_autoattack=0, backends=("ort-cpu", "ort-cuda"), batch_sizes=(1, 8), timing=QUICK)
 
 
 @pytest.fixture(scope="module")
@@ -25,71 +32,125 @@ def tiny_cfg() -> Config:
 @pytest.fixture(scope="module")
 def study_dir(tiny_cfg: Config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study") / "digits"
-    study(tiny_cfg, out, [2], ["filter"])
+    study(tiny_cfg, out, OPTIONS)
     return out
 
 
+def _report(out: Path) -> dict:
+    return json.loads((out / "study.json").read_text())
+
+
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["row"]: row for row in json.loads((out / "study.json").read_text())["rows"]}
+    report = _report(out)
+    return {row["row"]: row for row in report["dense"] + report["rows"]}
 
 
-def test_study_runs_rapc_and_scratch_rows_with_sane_figures(study_dir: Path) -> None:
+def test_study_trains_every_row_to_rapcs_architecture_on_the_same_epoch_budget(study_dir: Path) -> None:
     rows = _rows(study_dir)
-    assert set(rows) == set(DEFAULT_ROWS)
-    rapc, scratch = rows["rapc"], rows["scratch"]
+    assert set(rows) == {"dense-robust", "dense-natural", *DEFAULT_ROWS}
+    rapc, dense = rows["rapc"], rows["dense-robust"]
     # filter pruning at 2x halves filters and the next layer's inputs: at least 2x fewer parameters
-    assert 2 <= rapc["dense_params"] / rapc["params"] <= 4.5
-    assert rapc["macs"] < rapc["dense_macs"]
-    assert scratch["params"] == rapc["params"] and scratch["macs"] == rapc["macs"]
+    assert 2 <= dense["params"] / rapc["params"] <= 4.5 and rapc["macs"] < dense["macs"]
+    for name in DEFAULT_ROWS:  # magnitude pruning at the same scheme and ratio keeps as many filters per layer
+        assert (rows[name]["params"], rows[name]["macs"]) == (rapc["params"], rapc["macs"]), name
+        assert sum(rows[name]["epochs"].values()) == _report(study_dir)["budget_epochs"] == 4, name
     for row in rows.values():
         assert 0 <= row["robust"] <= row["clean"] <= 1
         assert row["train_seconds"] > 0
-    assert scratch["epochs"] == {"scratch": rapc["epochs"]["admm"] + rapc["epochs"]["retrain"]}
-    assert (study_dir / "r2-filter" / "rapc" / "summary.json").is_file()
+    assert rows["dense-natural"]["robust"] < rows["dense-robust"]["robust"]  # adversarial training buys robustness
 
 
-def test_study_writes_a_markdown_table_naming_rows_not_yet_implemented(study_dir: Path) -> None:
+def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fresh(study_dir: Path, tiny_cfg: Config) -> None:
+    dense = architecture_for(tiny_cfg, _to_dense_init(tiny_cfg)).build()
+    shrunk = read_architecture(study_dir / "r2-filter" / "rapc" / "model")
+    cpu = torch.device("cpu")
+    inherited = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=False)
+    scratch = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=True)
+    first = next(name for name, _ in dense.named_parameters() if name.endswith("weight"))  # its input channels are the image's
+    dense_filters = dict(dense.named_parameters())[first].detach().flatten(1)
+    kept = dict(inherited.named_parameters())[first].detach().flatten(1)
+    assert len(kept) < len(dense_filters)
+    assert all((dense_filters == f).all(1).any() for f in kept)
+    assert not any((dense_filters == f).all(1).any() for f in dict(scratch.named_parameters())[first].detach().flatten(1))
+
+
+def test_study_times_every_model_on_ort_cpu_and_lists_unavailable_gpu_backends(study_dir: Path) -> None:
+    report = _report(study_dir)
+    keys = {row["key"] for row in report["dense"] + report["rows"]}
+    timed = {(l["artifact"], l["batch"]) for l in report["latency"] if l["backend"] == "ort-cpu"}
+    assert timed == {(key, batch) for key in keys for batch in (1, 8)}
+    assert all(l["p50_ms"] > 0 for l in report["latency"])
+    if not torch.cuda.is_available():
+        assert any(key.startswith("ort-cuda:") for key in report["skipped"])
+
+
+def test_study_writes_markdown_with_the_budget_and_a_plot(study_dir: Path) -> None:
+    import matplotlib.pyplot as plt
+
     text = (study_dir / "study.md").read_text()
-    assert "| 2x | filter | rapc |" in text and "| 2x | filter | scratch |" in text
-    assert "Not implemented yet: inherited" in text
-    assert "inherited" not in ROWS
+    assert "Same budget" in text and "4 epochs in total" in text
+    for name in DEFAULT_ROWS:
+        assert f"| 2x | filter | {name} |" in text
+    assert "ort-cpu b8 ms" in text
+    assert plt.imread(study_dir / "study.png").shape[0] > 100
 
 
 def test_study_rerun_reads_finished_rows_without_training(study_dir: Path, tiny_cfg: Config, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("a finished row was trained again")
 
-    monkeypatch.setattr("rapc.study.compress", fail)
-    monkeypatch.setattr("rapc.study.resume", fail)
+    monkeypatch.setattr("rapc.study.rows.compress", fail)
+    monkeypatch.setattr("rapc.study.rows.resume", fail)
     monkeypatch.setattr(Trainer, "stage", fail)
-    before = _rows(study_dir)
-    result = study(tiny_cfg, study_dir, [2], ["filter"])
-    assert {row["row"]: row for row in result.rows} == before
+    before = _report(study_dir)
+    after = study(tiny_cfg, study_dir, OPTIONS).report
+    assert after["rows"] == before["rows"] and after["dense"] == before["dense"]
+
+
+def test_autoattack_is_measured_once_per_model_for_each_n(study_dir: Path, tiny_cfg: Config, tmp_path: Path, monkeypatch) -> None:
+    out = shutil.copytree(study_dir, tmp_path / "copy")
+    calls = []
+
+    def counted(model_dir, cfg, data, device, reporter, title):  # the attack itself is tested in tests/bench
+        calls.append(title)
+        return {"n": len(data.labels), "accuracy": 0.5, "broken_by": {}}
+
+    monkeypatch.setattr("rapc.study.run.autoattack_accuracy", counted)
+    options = StudyOptions(ratios=(2.0,), schemes=("filter",), n_autoattack=3, backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
+    study(tiny_cfg, out, options)
+    assert sorted(calls) == sorted(["dense-natural", "dense-robust", *(f"r2-filter/{n}" for n in DEFAULT_ROWS)])
+    study(tiny_cfg, out, options)
+    assert len(calls) == 7  # cached with the row for n = 3
+    assert json.loads((out / "r2-filter" / "rapc" / "row.json").read_text())["autoattack"]["n"] == 3
 
 
 def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path, tiny_cfg: Config) -> None:
     other = tiny_cfg.model_copy(deep=True)
     other.stages.admm.epochs = 2
     with pytest.raises(RapcError, match="another config"):
-        study(other, study_dir, [2], ["filter"])
+        study(other, study_dir, OPTIONS)
 
 
-@pytest.mark.parametrize(("ratios", "schemes", "rows", "message"), [
-    ([0.5], ["filter"], DEFAULT_ROWS, "not a compression factor"),
-    ([2], ["bogus"], DEFAULT_ROWS, "pruning.scheme"),
-    ([2], ["filter"], ("rapc", "nope"), "unknown study row 'nope'"),
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"ratios": (0.5,)}, "not a compression factor"),
+    ({"schemes": ("bogus",)}, "pruning.scheme"),
+    ({"rows": ("rapc", "nope")}, "unknown study row 'nope'"),
+    ({"batch_sizes": (0,)}, "at least 1"),
+    ({"n_autoattack": -1}, "n-autoattack"),
+    ({"backends": ("warp-drive",)}, "unknown bench backend"),
 ])
-def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Path, ratios, schemes, rows, message) -> None:
+def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(RapcError, match=message):
-        study(tiny_cfg, tmp_path / "s", ratios, schemes, rows)
+        study(tiny_cfg, tmp_path / "s", StudyOptions(**{"ratios": (2.0,), "schemes": ("filter",)} | changes))
     assert not (tmp_path / "s").exists()
 
 
 def test_study_command_prints_the_table_of_a_finished_study(study_dir: Path) -> None:
-    args = ["study", "-c", "digits-lenet-filter", "--ratios", "2", "--schemes", "filter", "--out", str(study_dir)]
+    args = ["study", "-c", "digits-lenet-filter", "--ratios", "2", "--schemes", "filter", "--out", str(study_dir),
+            "--n-autoattack", "0", "--backends", "ort-cpu", "--batch-sizes", "1"]
     result = CliRunner().invoke(main, args + [arg for kv in TINY for arg in ("--set", kv)])
     assert result.exit_code == 0, result.output
-    assert "scratch" in result.output and "study.md" in result.output
+    assert "inherited" in result.output and "finetune-standard" in result.output and "study.md" in result.output
 
 
 def test_study_command_reports_a_bad_ratio_in_one_line(tmp_path: Path) -> None:
@@ -104,8 +165,8 @@ def test_study_row_without_its_result_file_is_remeasured_from_its_checkpoints(st
 
     before = _rows(study_dir)["scratch"]
     (study_dir / "r2-filter" / "scratch" / "row.json").unlink()  # as if killed after training, before writing it
-    monkeypatch.setattr("rapc.study.compress", fail)
+    monkeypatch.setattr("rapc.study.rows.compress", fail)
     monkeypatch.setattr("rapc.pipeline.compress.train_epoch", fail)
-    after = {row["row"]: row for row in study(tiny_cfg, study_dir, [2], ["filter"]).rows}["scratch"]
+    after = _rows(study(tiny_cfg, study_dir, OPTIONS).out)["scratch"]
     assert (after["params"], after["epochs"], after["train_seconds"]) == (before["params"], before["epochs"], before["train_seconds"])
     assert (study_dir / "r2-filter" / "scratch" / "row.json").is_file()

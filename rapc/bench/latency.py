@@ -10,7 +10,7 @@ perf_counter. Input transfer is timed separately from compute.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from rapc.bench.backends import BACKENDS, Artifact, Backend
 from rapc.errors import RapcError
+from rapc.progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,24 @@ def measure(backends: Mapping[tuple[str, str], Backend], batch: int, policy: Tim
     for key, backend in backends.items():
         transfer = [timers[key](backend.transfer) for _ in range(10)] if backend.device == "cuda" else []
         results.append(_summary(key[0], key[1], batch, samples[key], transfer))
+    return results
+
+
+def measure_backends(runnable: Mapping[tuple[str, str], Backend], batch_sizes: Sequence[int], policy: TimingPolicy,
+                     reporter: Reporter) -> list[Latency]:
+    """``measure`` per backend and batch size. The artifacts of one backend are interleaved (their
+    ratio comes from one run); backends run one after another, since two runtimes' thread pools
+    alternating on the same cores slow each other."""
+    by_backend: dict[str, dict[tuple[str, str], Backend]] = {}
+    for key, backend in runnable.items():
+        by_backend.setdefault(key[0], {})[key] = backend
+    results: list[Latency] = []
+    reporter.begin("latency", len(batch_sizes) * len(by_backend))
+    for batch in batch_sizes:
+        for group in by_backend.values():
+            results += measure(group, batch, policy)
+            reporter.advance()
+    reporter.end(f"latency: {len(runnable)} backend x artifact pairs at batch {', '.join(map(str, batch_sizes))}")
     return results
 
 

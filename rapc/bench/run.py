@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rapc.bench.backends import BACKENDS, Artifact
-from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure
+from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
 from rapc.bench.report import skipped_lines, write_report
 from rapc.bench.robustness import AttackPlan, Robustness, evaluate_robustness, replay
 from rapc.data import load_data
@@ -252,18 +252,7 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     }
     replays = _replays(targets, robustness, labels, reporter)
 
-    latencies: list[Latency] = []
-    # The artifacts of one backend are interleaved (their ratio comes from one run); backends run
-    # one after another, since two runtimes' thread pools alternating on the same cores slow each other.
-    by_backend: dict[str, dict] = {}
-    for key, backend in runnable.items():
-        by_backend.setdefault(key[0], {})[key] = backend
-    reporter.begin("latency", len(options.batch_sizes) * len(by_backend))
-    for batch in options.batch_sizes:
-        for group in by_backend.values():
-            latencies += measure(group, batch, options.timing)
-            reporter.advance()
-    reporter.end(f"latency: {len(runnable)} backend x artifact pairs at batch {', '.join(map(str, options.batch_sizes))}")
+    latencies = measure_backends(runnable, options.batch_sizes, options.timing, reporter)
 
     figures = {name: summary(model, example) | {"weights_bytes": (run / MODELS[name] / WEIGHTS).stat().st_size}
                for name, model in models.items()}

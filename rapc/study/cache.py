@@ -1,0 +1,38 @@
+"""Finished work is a directory whose result file exists: written atomically and last, it
+marks the work done, so a repeated command reads it and an interrupted one continues from
+the stage checkpoints beside it.
+
+The config the work was made with is claimed first; the same directory with another config
+is refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rapc.errors import RapcError
+from rapc.rundir import atomic_write, writable_dir
+
+CONFIG_FILE = "study-config.yaml"
+
+
+def cached(directory: Path, result_file: str, config: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """The result of ``build(directory)``: read from ``directory/result_file``, or computed now and written there."""
+    directory = writable_dir(directory)
+    claimed = directory / CONFIG_FILE
+    if claimed.is_file() and claimed.read_text() != config:
+        raise RapcError(f"{directory} holds study work made with another config; choose another --out for this one")
+    done = directory / result_file
+    if done.is_file():
+        return json.loads(done.read_text())
+    atomic_write(claimed, lambda tmp: tmp.write_text(config))
+    result = build(directory)
+    write_json(done, result)
+    return result
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))

@@ -1,0 +1,122 @@
+"""study.json's rows as one table (Markdown and terminal), and robust accuracy against MACs.
+
+The table's latency is the first requested backend that ran, at the largest batch size;
+the speedup is over dense-robust on the same backend and batch, measured in the same
+interleaved run. Every latency figure is in the second table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rapc.bench.report import skipped_lines
+from rapc.study.cache import write_json
+from rapc.tables import Table
+
+PLOT = "study.png"
+BASELINE = "dense-robust"
+LINE_STYLES = ("-", "--", ":", "-.")
+ROW_MARKERS = {"rapc": "o", "scratch": "s", "inherited": "^", "finetune-standard": "v", "oneshot-magnitude": "D"}
+
+
+def _robust(row: dict[str, Any]) -> float:
+    """The strongest attack's accuracy: AutoAttack where it ran, else the evaluation PGD."""
+    return row["autoattack"]["accuracy"] if row.get("autoattack") else row["robust"]
+
+
+def _latencies(report: dict[str, Any]) -> tuple[str, int, dict[str, float]] | None:
+    """(backend, batch, p50 ms per model key) for the table's latency column."""
+    if not report["latency"]:
+        return None
+    backend = report["latency"][0]["backend"]
+    batch = max(l["batch"] for l in report["latency"] if l["backend"] == backend)
+    return backend, batch, {l["artifact"]: l["p50_ms"] for l in report["latency"] if l["backend"] == backend and l["batch"] == batch}
+
+
+def table(report: dict[str, Any]) -> Table:
+    rows = report["dense"] + report["rows"]
+    timed = _latencies(report)
+    headers = ["ratio", "scheme", "row", "params", "MACs", "clean", "PGD", f"AutoAttack ({report['n_autoattack']})"]
+    if timed:
+        headers += [f"{timed[0]} b{timed[1]} ms", "speedup"]
+    headers += ["epochs", "train s"]
+    lines = []
+    for row in rows:
+        aa = row.get("autoattack")
+        line = [f"{row['ratio']:g}x", row["scheme"], row["row"], f"{row['params']:,}", f"{row['macs']:,}", f"{row['clean']:.1%}",
+                f"{row['robust']:.1%}", f"{aa['accuracy']:.1%}" if aa else "-"]
+        if timed:
+            ms = timed[2].get(row["key"])
+            base = timed[2].get(BASELINE)
+            line += [f"{ms:.3f}" if ms else "-", f"{base / ms:.2f}x" if ms and base else "-"]
+        line += [" + ".join(f"{n} {e}" for n, e in row["epochs"].items()), f"{row['train_seconds']:.0f}"]
+        lines.append(tuple(line))
+    attack = report["attack"]
+    return Table(f"rapc study on {report['data']} (test split {report['n_test']}; PGD-{attack['steps']} eps {attack['eps']:g})",
+                 tuple(headers), lines, label_columns=3)
+
+
+def latency_table(report: dict[str, Any]) -> Table | None:
+    if not report["latency"]:
+        return None
+    columns = sorted({(l["backend"], l["batch"]) for l in report["latency"]})
+    p50 = {(l["artifact"], l["backend"], l["batch"]): l["p50_ms"] for l in report["latency"]}
+    keys = list(dict.fromkeys(l["artifact"] for l in report["latency"]))
+    rows = [(key, *(f"{p50[(key, b, n)]:.3f}" if (key, b, n) in p50 else "-" for b, n in columns)) for key in keys]
+    return Table("latency, p50 ms", ("model", *(f"{b} b{n}" for b, n in columns)), rows)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    device = m.get("gpu") or f"{m['processor']}, {m['cpu_count']} CPUs, {report['threads']} torch threads"
+    recipes = {row["row"]: row["recipe"] for row in report["dense"] + report["rows"]}
+    parts = [
+        "# rapc study", "",
+        f"{report['model']['name']} (w={report['model']['width']}) on {report['data']}; measured {report['created']} on {device}.", "",
+        f"**Same budget:** every row trains {report['budget_epochs']} epochs in total (pretrain + ADMM + retrain of the config); "
+        "rows that start from a shared dense model count its epochs (marked shared) and do not repeat them. "
+        "`train s` is the row's own seconds in training steps (validation excluded).", "",
+        f"Accuracy is on the test split in PyTorch: clean, PGD as configured, and standard AutoAttack on the first "
+        f"{report['n_autoattack']} test images.", "",
+        *(f"- `{name}`: {recipe}" for name, recipe in recipes.items()), "",
+        table(report).markdown(),
+    ]
+    if (lat := latency_table(report)) is not None:
+        parts.append(lat.markdown())
+    if report["skipped"]:
+        parts += ["Skipped backends:", "", *(f"- {line}" for line in skipped_lines(report["skipped"])), ""]
+    parts += [f"![robust accuracy vs MACs]({PLOT})", ""]
+    return "\n".join(parts)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Robust accuracy against MACs: colour and marker per row, line style per scheme; the dense models are stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    names = list(dict.fromkeys(row["row"] for row in report["rows"]))
+    schemes = list(dict.fromkeys(row["scheme"] for row in report["rows"]))
+    for i, name in enumerate(names):
+        for j, scheme in enumerate(schemes):
+            points = sorted((row["macs"], _robust(row)) for row in report["rows"] if row["row"] == name and row["scheme"] == scheme)
+            ax.plot(*zip(*points), marker=ROW_MARKERS.get(name, "o"), color=plt.get_cmap("tab10")(i % 10), alpha=0.85,
+                    linestyle=LINE_STYLES[j % len(LINE_STYLES)], label=f"{name} ({scheme})")
+    for row in report["dense"]:
+        ax.scatter(row["macs"], _robust(row), marker="*", s=140, color="black" if row["row"] == BASELINE else "0.6", label=row["row"], zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image (log scale)")
+    ax.set_ylabel(f"AutoAttack accuracy (first {report['n_autoattack']} test images)" if report["n_autoattack"] else "PGD accuracy")
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="outside right center")
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    write_json(out / "study.json", report)
+    (out / "study.md").write_text(_markdown(report))
+    _plot(report, out / PLOT)

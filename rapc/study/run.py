@@ -1,0 +1,146 @@
+"""The study: the shared dense models, every cell's rows, then the latency of all of them.
+
+Ratios are compression factors: r = 4 prunes ``pruning.ratio = 1 - 1/r = 0.75`` of each
+layer's weights. The dense models live in ``OUT/dense-robust/`` and ``OUT/dense-natural/``,
+the rows in ``OUT/r{r}-{scheme}/{row}/``; each one's ``row.json`` marks it finished (see
+cache.py), so repeating the command trains nothing finished, and an interrupted row
+continues from its stage checkpoints. AutoAttack figures are cached with the row for the
+n they were measured on; latency is measured again on every call (seconds), all models
+interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapc.bench.backends import BACKENDS
+from rapc.bench.latency import TimingPolicy
+from rapc.bench.run import machine
+from rapc.config import Config, dump_config, validate
+from rapc.errors import RapcError
+from rapc.pipeline.compress import resolve_device
+from rapc.progress import Reporter, SilentReporter
+from rapc.rundir import writable_dir
+from rapc.study.cache import cached, write_json
+from rapc.study.evaluation import TestData, accuracy, autoattack_accuracy, latency
+from rapc.study.report import write_report
+from rapc.study.rows import DEFAULT_ROWS, DENSE, MODEL, ROWS, Cell, budget
+
+ROW_FILE = "row.json"
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    ratios: tuple[float, ...] = (2.0, 4.0)
+    schemes: tuple[str, ...] = ("filter",)
+    rows: tuple[str, ...] = DEFAULT_ROWS
+    n_autoattack: int = 100  # AutoAttack on the first n test images; 0: none
+    backends: tuple[str, ...] = ("ort-cpu", "ort-cuda", "torch-cudagraphs")  # ORT CPU everywhere, GPU backends where present
+    batch_sizes: tuple[int, ...] = (1, 64)
+    timing: TimingPolicy = field(default_factory=lambda: TimingPolicy(min_seconds=0.5))
+
+    def __post_init__(self) -> None:
+        for name in self.rows:
+            ROWS.get(name)
+        for name in self.backends:
+            BACKENDS.get(name)
+        if bad := [b for b in self.batch_sizes if b < 1]:
+            raise RapcError(f"batch sizes must be at least 1, got {bad[0]}")
+        if self.n_autoattack < 0:
+            raise RapcError(f"--n-autoattack must be 0 (none) or more, got {self.n_autoattack}")
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    report: dict[str, Any]
+
+
+def cell_config(cfg: Config, ratio: float, scheme: str) -> Config:
+    """``cfg`` with its pruning scheme and ratio (fraction pruned, 1 - 1/ratio) set for one cell."""
+    if not ratio > 1:
+        raise RapcError(f"--ratios: {ratio:g} is not a compression factor; use factors above 1 such as 2,4 (4 keeps a quarter)")
+    data = cfg.model_dump(mode="json")
+    data["pruning"] |= {"scheme": scheme, "ratio": 1 - 1 / ratio}
+    return validate(data, f"study cell {ratio:g}x {scheme}")
+
+
+def _train_seconds(directory: Path) -> float:
+    """Seconds spent in training steps (validation excluded), summed over the logged epochs."""
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    return sum(json.loads(line).get("train_seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+
+
+class _Study:
+    """Rows by key (``dense-robust``, ``r4-filter/rapc``), trained and measured on first use.
+
+    A row that needs another one (rapc needs dense-robust; scratch needs rapc's architecture)
+    asks its cell's ``model_of``, which runs that row first if it is not finished.
+    """
+
+    def __init__(self, cfg: Config, root: Path, cells: Sequence[tuple[float, str, Config]], options: StudyOptions, reporter: Reporter) -> None:
+        self.root, self.reporter = root, reporter
+        self.device = resolve_device(cfg.device)
+        self.data = TestData.make(cfg, options.n_autoattack)
+        self.shared = Cell(1.0, "dense", cfg, reporter, partial(self.model_of, None))
+        self.cells = {f"r{r:g}-{s}": Cell(r, s, c, reporter, partial(self.model_of, f"r{r:g}-{s}")) for r, s, c in cells}
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def model_of(self, cell_key: str | None, name: str) -> Path:
+        return self.root / self.row(None if name in DENSE else cell_key, name)["dir"] / MODEL
+
+    def row(self, cell_key: str | None, name: str) -> dict[str, Any]:
+        """A shared dense model (``cell_key`` None) or a row of a cell: read, or trained and measured now."""
+        key, cell, build = (name, self.shared, DENSE.get(name)) if cell_key is None else (f"{cell_key}/{name}", self.cells[cell_key], ROWS.get(name))
+        if key in self.rows:
+            return self.rows[key]
+
+        def train_and_measure(directory: Path) -> dict[str, Any]:
+            self.reporter.log(f"study: {key}")
+            start = time.perf_counter()
+            trained = build(cell, directory)
+            return {"key": key, "dir": key, "ratio": cell.ratio, "scheme": cell.scheme, "row": name,
+                    "epochs": trained.epochs, "recipe": trained.recipe, "train_seconds": _train_seconds(directory),
+                    "wall_seconds": time.perf_counter() - start,
+                    **accuracy(directory / MODEL, cell.cfg, self.data, self.device)}
+
+        directory = self.root / key
+        row = cached(directory, ROW_FILE, dump_config(cell.cfg), train_and_measure)
+        n = len(self.data.labels)
+        if n and (row.get("autoattack") or {}).get("n") != n:  # measured now, or before on another n
+            row["autoattack"] = autoattack_accuracy(directory / MODEL, cell.cfg, self.data, self.device, self.reporter, key)
+            write_json(directory / ROW_FILE, row)
+        self.rows[key] = row
+        return row
+
+
+def study(cfg: Config, out: str | Path, options: StudyOptions = StudyOptions(), reporter: Reporter | None = None) -> StudyResult:
+    """Run (or re-read) the dense models and every row of every cell; write study.json, study.md and study.png."""
+    cells = [(r, s, cell_config(cfg, r, s)) for r in options.ratios for s in options.schemes]  # every mistake before any training
+    root = writable_dir(out)
+    reporter = reporter or SilentReporter()
+    work = _Study(cfg, root, cells, options, reporter)
+    dense = [work.row(None, name) for name in DENSE]
+    rows = [work.row(key, name) for key in work.cells for name in options.rows]
+    models = {row["key"]: root / row["dir"] / MODEL for row in dense + rows}
+    latencies, skipped = latency(models, options.backends, options.batch_sizes, options.timing, cfg.model.allow_import, reporter)
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "data": cfg.data.name, "model": {"name": cfg.model.name, "width": cfg.model.width},
+        "attack": cfg.attack.eval.model_dump(), "n_test": len(work.data.test.dataset), "n_autoattack": len(work.data.labels),
+        "budget_epochs": budget(cfg), "dense": dense, "rows": rows,
+        "latency": [l.as_dict() for l in latencies], "skipped": skipped, "threads": torch.get_num_threads(),
+    }
+    write_report(root, report)
+    return StudyResult(root, report)
