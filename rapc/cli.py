@@ -97,11 +97,12 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     """Adversarial ADMM pruning -> hard prune -> masked adversarial retraining -> physical shrink.
 
     Writes the run directory: resolved config.yaml, metrics.jsonl, stage checkpoints,
-    dense/ and model/ (architecture JSON + safetensors), summary.json. Ctrl-C stops after
-    the current step with a checkpoint; --resume continues from it.
+    dense/ and model/ (architecture JSON + safetensors), summary.json. Ctrl-C (or SIGTERM)
+    stops after the current step with a checkpoint (under torchrun a few steps later, all ranks
+    at the same one); --resume continues from it, under torchrun too.
     """
     from rapc.pipeline.compress import compress as run_compress, resume
-    from rapc.pipeline.distributed import env_rank
+    from rapc.pipeline.distributed import env_rank, rapc_command
     from rapc.rundir import read_run_config
 
     if resume_run is not None:
@@ -117,8 +118,9 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     try:
         with RichReporter(console) as reporter:
             result = resume(out, reporter) if resume_run else run_compress(cfg, out, reporter)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: `rapc compress --resume {out}` continues from the last checkpoint", err=True)
+    except KeyboardInterrupt:  # under torchrun every rank stops at the same step; rank 0 says how to go on
+        if env_rank() == 0:
+            click.echo(f"interrupted: `{rapc_command(f'compress --resume {out}')}` continues from the last checkpoint", err=True)
         sys.exit(130)
     if result is None:
         return

@@ -27,6 +27,10 @@ import torch
 from rapc.config import Config, dump_config, load_config
 from rapc.errors import RapcError
 
+# The version of what a checkpoint holds (a stage's state: rapc.pipeline.checkpoint.StageState);
+# raised whenever that changes, so a checkpoint of another rapc is refused rather than misread.
+CHECKPOINT_FORMAT = 2
+
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """write(tmp) then fsync and rename over ``path``: readers see the old file or the new one."""
@@ -106,7 +110,7 @@ class RunDir:
         return path.stat().st_size if path.is_file() else 0
 
     def save_checkpoint(self, stage: str, state: dict[str, Any]) -> None:
-        state = {**state, "metrics_bytes": self._metrics_bytes()}
+        state = {**state, "metrics_bytes": self._metrics_bytes(), "format": CHECKPOINT_FORMAT}
         atomic_write(self.checkpoint(stage), lambda tmp: torch.save(state, tmp))
 
     def has_checkpoint(self, stage: str) -> bool:
@@ -114,9 +118,16 @@ class RunDir:
 
     def load_checkpoint(self, stage: str, mmap: bool = False) -> dict[str, Any]:
         try:
-            return torch.load(self.checkpoint(stage), map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(self.checkpoint(stage), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
             raise RapcError(f"{self.checkpoint(stage)}: not a loadable checkpoint ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise self.foreign_checkpoint(stage)
+        return state
+
+    def foreign_checkpoint(self, stage: str) -> RapcError:
+        """The error for a checkpoint this rapc cannot continue from (older, newer, or not rapc's)."""
+        return RapcError(f"checkpoint {self.checkpoint(stage)} was written by another version of rapc; start a new run")
 
     def rewind(self, stages: Sequence[str]) -> None:
         """Before resuming: cut metrics.jsonl back to what the latest checkpoint (in stage order)

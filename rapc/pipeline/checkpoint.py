@@ -6,16 +6,22 @@ training draws from.
 
 Python's ``random`` and numpy are seeded at the start of a run but draw nothing during
 training, so they are not saved.
+
+Under torchrun every rank takes part in a save, and rank 0 writes what they gathered: each
+rank's global generators (their attacks draw different random starts) and the running sums of
+an epoch in progress, summed over ranks. A resumed rank takes its own generators back; rank 0
+continues the summed figures and the others start theirs from zero at the same step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.loop import EpochTotals, NonFinite
 
@@ -48,7 +54,8 @@ class StageState:
     best_score: float = -1.0
     best_model: dict[str, torch.Tensor] | None = None
     complete: bool = False
-    rng: dict[str, Any] | None = None  # generator states loaded from a checkpoint, until restored
+    rng: list[dict[str, Any]] | None = None  # every saving rank's generator states, from a checkpoint, until restored
+    ranks: Ranks = field(default_factory=Ranks)
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +73,9 @@ class StageState:
         return f"resuming after epoch {self.epoch}"
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint of the stage; every rank must call it at the same point (it gathers from all)."""
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        generators = self.ranks.gather({"torch": torch.get_rng_state(), "cuda": cuda})
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -75,13 +84,13 @@ class StageState:
             "guard_best": self.guard.best if self.guard is not None else None,
             "extra": self.extra.state_dict() if self.extra is not None else None,
             "epoch": self.epoch,
-            "totals": self.totals.state_dict() if self.totals is not None else None,
+            "totals": self.totals.summed(self.ranks.all_sum).state_dict() if self.totals is not None else None,
             "record": self.record,
             "epoch_start": self.epoch_start,
             "best_score": self.best_score,
             "best_model": self.best_model,
             "complete": self.complete,
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "shuffle": self.shuffle},
+            "rng": {"ranks": generators, "shuffle": self.shuffle},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -96,15 +105,30 @@ class StageState:
         if self.extra is not None:
             self.extra.load_state_dict(state["extra"])
         self.epoch, self.record, self.epoch_start = state["epoch"], state["record"], state["epoch_start"]
-        self.totals = EpochTotals.from_state_dict(state["totals"], self.device) if state["totals"] is not None else None
+        self.totals = self._resumed_totals(state["totals"]) if state["totals"] is not None else None
         self.best_score, self.best_model, self.complete = state["best_score"], state["best_model"], state["complete"]
-        self.shuffle, self.rng = state["rng"]["shuffle"], state["rng"]
+        self.shuffle, self.rng = state["rng"]["shuffle"], list(state["rng"]["ranks"])
 
-    def restore_rng(self) -> None:
-        """Put the global generators back where the loaded checkpoint left them (once)."""
+    def _resumed_totals(self, saved: dict[str, Any]) -> EpochTotals:
+        """The epoch in progress as this rank goes on with it: the saved sums are those of all ranks,
+        counted once on rank 0; the others start from zero at the same step."""
+        totals = EpochTotals.from_state_dict(saved, self.device)
+        return totals if self.ranks.is_main else replace(EpochTotals.zeros(self.device), steps=totals.steps)
+
+    def restore_rng(self, seed: int) -> None:
+        """Put this rank's global generators back where the loaded checkpoint left them (once).
+
+        A rank the checkpoint holds none for (written by fewer processes than resume it) is seeded
+        with ``seed + rank``, as ranks are at the start of a run: deterministic, though not the draws
+        an uninterrupted run would have made (nor can they be, with another number of processes).
+        """
         if self.rng is None:
             return
-        torch.set_rng_state(self.rng["torch"])
-        if self.rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.rng["cuda"], self.device)
+        if self.ranks.rank >= len(self.rng):
+            torch.manual_seed(seed + self.ranks.rank)
+        else:
+            saved = self.rng[self.ranks.rank]
+            torch.set_rng_state(saved["torch"])
+            if saved["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(saved["cuda"], self.device)
         self.rng = None

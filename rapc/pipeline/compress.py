@@ -5,6 +5,7 @@ masked adversarial retraining -> physical shrink, written to one run directory.
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from rapc.errors import RapcError
 from rapc.modelio import ARCHITECTURE, Architecture, load_weights, read_architecture, resolve_model_dir, save_model, WEIGHTS
 from rapc.pipeline.admm import AdmmSchedule, AdmmState
 from rapc.pipeline.checkpoint import StageState, Stateful, check_finite
-from rapc.pipeline.distributed import Ranks, session, set_epoch, under_torchrun
+from rapc.pipeline.distributed import Ranks, agreed_stop, session, set_epoch
 from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.interrupt import StopRequest
 from rapc.pipeline.loop import EpochTotals, Hooks, NonFinite, SavePoints, make_optimizer, make_schedule, train_epoch
@@ -122,9 +123,9 @@ class Trainer:
         plan = _Plan(name, stage, hooks, after_epoch, select_best)
         state = self._stage_state(plan, extra)
         if state.complete:
-            state.restore_rng()
+            state.restore_rng(self.cfg.seed)
             return
-        with StopRequest() as stop:
+        with StopRequest(interrupt_twice=not self.ranks.enabled) as stop:
             for epoch in range(state.epoch + 1, stage.epochs + 1):
                 try:
                     stopped = self._epoch(plan, epoch, state, stop)
@@ -132,7 +133,7 @@ class Trainer:
                     kept = (f"{self.run.checkpoint(name)} keeps the last good state" if self.run.has_checkpoint(name)
                             else "nothing of it was checkpointed")
                     raise RapcError(f"{name} epoch {epoch}: {exc}; stopped, {kept}; try a lower stages.{name}.optimizer.lr in a new run") from None
-                if stop():
+                if self.ranks.any(stop(), self.device):
                     raise KeyboardInterrupt
                 if stopped:
                     break
@@ -153,10 +154,13 @@ class Trainer:
                 if attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
                 else None
             ),
-            extra=extra, shuffle=self.train.generator.get_state(),
+            extra=extra, shuffle=self.train.generator.get_state(), ranks=self.ranks,
         )
         if self.run.has_checkpoint(plan.name):
-            state.load_state_dict(self.run.load_checkpoint(plan.name))
+            try:
+                state.load_state_dict(self.run.load_checkpoint(plan.name))
+            except (KeyError, TypeError, ValueError, RuntimeError):  # keys missing or of another shape
+                raise self.run.foreign_checkpoint(plan.name) from None
             self.reporter.log(f"{plan.name}: {state.describe()}")
         return state
 
@@ -178,7 +182,7 @@ class Trainer:
         record = state.record | train_epoch(
             self.train_model or self.model, batches, state.optimizer, state.schedule, attack=attack, device=self.device,
             precision=self.cfg.precision, scaler=state.scaler, hooks=plan.hooks, reporter=self.reporter, totals=state.totals,
-            save_points=SavePoints(save_inside, self.cfg.stages.checkpoint_every_steps, stop),
+            save_points=SavePoints(save_inside, self.cfg.stages.checkpoint_every_steps, agreed_stop(self.ranks, stop, self.device)),
             reduce=(lambda totals: totals.summed(self.ranks.all_sum)) if self.ranks.enabled else None,
         )
         record["train_seconds"] = time.perf_counter() - start
@@ -215,25 +219,32 @@ class Trainer:
 
         After a resume inside the epoch the batches already trained on are drawn again and dropped
         (loading them is cheap next to adversarial steps); only then are the global generators
-        restored, because drawing them may have run random augmentation.
+        restored, because drawing them may have run random augmentation. Each rank of a torchrun
+        skips as many of its own batches (DistributedSampler's order comes from the seed and the
+        epoch); resumed with another number of processes, that is the same count of other batches.
         """
         self.train.generator.set_state(state.shuffle)
         set_epoch(self.train, name, epoch)
         if state.totals is None:
-            state.restore_rng()
+            state.restore_rng(self.cfg.seed)
             return self.train
         batches = iter(self.train)
-        for _ in range(state.totals.steps):
-            next(batches)
-        state.restore_rng()
+        for _ in itertools.islice(batches, state.totals.steps):
+            pass
+        state.restore_rng(self.cfg.seed)
         return batches
 
     def _save(self, name: str, state: StageState) -> None:
-        """Checkpoint the stage; a NaN is found first and never written over the last good checkpoint."""
-        if state.totals is not None:
-            state.totals.read()
+        """Checkpoint the stage; a NaN is found first and never written over the last good checkpoint.
+
+        Every rank of a torchrun takes part (the checkpoint gathers from all) and decides alike, on
+        the loss summed over ranks and on the weights DDP keeps equal.
+        """
+        checkpoint = state.state_dict()
+        if checkpoint["totals"] is not None:
+            EpochTotals.from_state_dict(checkpoint["totals"], self.device).read()
         check_finite(self.model)
-        self.run.save_checkpoint(name, state.state_dict())
+        self.run.save_checkpoint(name, checkpoint)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -289,37 +300,41 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> 
     others return None.
     """
     with session(resolve_device(cfg.device)) as (ranks, device):
-        error = ranks.from_main(lambda: _start(out, cfg))
-        if error is not None:
-            raise RapcError(error)
-        run = RunDir(out) if ranks.is_main else ReadOnlyRunDir(out)
-        return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device)
+        ranks.from_main(lambda: RunDir(out).start(cfg))
+        return _pipeline_on(ranks, device, cfg, out, reporter)
 
 
-def _start(out: str | Path, cfg: Config) -> str | None:
-    """Begin the run on rank 0; what went wrong, for every rank to raise."""
-    try:
-        RunDir(out).start(cfg)
-    except RapcError as exc:
-        return str(exc)
-    return None
-
-
-def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult:
+def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult | None:
     """Continue the interrupted run in ``out`` from its last checkpoints, with its own config.
 
     Finished stages are loaded, not redone; the result equals that of an uninterrupted run
-    (exactly on CPU). A run that had already finished is only re-reported.
+    (exactly on CPU). A run that had already finished is only re-reported. Under torchrun every
+    rank calls this, whatever number of processes started the run: rank 0 decides and returns
+    the result, the others follow and return None.
     """
-    if under_torchrun():
-        raise RapcError(f"--resume runs in one process (resuming under torchrun is not supported yet): `rapc compress --resume {out}`")
     cfg = read_run_config(out)
+    with session(resolve_device(cfg.device)) as (ranks, device):
+        summary = ranks.from_main(lambda: _reopen(out))
+        if summary is None:
+            return _pipeline_on(ranks, device, cfg, out, reporter)
+        if not ranks.is_main:
+            return None
+        return CompressResult(Path(out), summary["dense"], summary["compressed"], summary["layers"], summary["notes"], finished_before=True)
+
+
+def _reopen(out: str | Path) -> dict[str, Any] | None:
+    """On rank 0: a finished run's summary, or None once an unfinished run is rewound to its last checkpoint."""
     run = RunDir(out)
     summary = run.summary()
-    if summary is not None:
-        return CompressResult(run.root, summary["dense"], summary["compressed"], summary["layers"], summary["notes"], finished_before=True)
-    run.rewind(STAGES)
-    return _pipeline(cfg, run, reporter or SilentReporter(), Ranks(), resolve_device(cfg.device))
+    if summary is None:
+        run.rewind(STAGES)
+    return summary
+
+
+def _pipeline_on(ranks: Ranks, device: torch.device, cfg: Config, out: str | Path, reporter: Reporter | None) -> CompressResult | None:
+    """The pipeline on this rank: rank 0 writes the run directory and reports, the others only read it."""
+    run = RunDir(out) if ranks.is_main else ReadOnlyRunDir(out)
+    return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device)
 
 
 def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device) -> CompressResult | None:

@@ -9,6 +9,15 @@ for its figures where a decision depends on them.
 
 The batch size is per rank: the global batch of a step is N x ``data.batch_size``.
 
+Only rank 0 writes checkpoints, so they gather what differs between ranks: the global
+generators (attacks' random starts are drawn per rank) and the running sums of an epoch
+in progress (saved summed over ranks). ``torchrun ... -m rapc compress --resume RUN``
+continues a run with any number of processes; with the number that wrote it, exactly as
+if it had not stopped (up to float rounding of the logged sums).
+
+A stop (Ctrl-C, SIGTERM) must happen at the same step on every rank, or one waits forever
+in the next collective: see ``agreed_stop``.
+
 One process without torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) creates no
 process group and runs exactly as before. torchrun with one process is a distributed run
 of one rank: the same sampler and sample order as N processes with N times smaller
@@ -17,6 +26,7 @@ batches, which is how the tests compare them.
 
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -91,12 +101,38 @@ class Ranks:
         return total
 
     def from_main(self, compute: Callable[[], T]) -> T:
-        """``compute()`` on rank 0, its (picklable) result on every rank; the others wait for it."""
+        """``compute()`` on rank 0, its (picklable) result on every rank; the others wait for it.
+
+        A RapcError that ``compute`` raises is raised on every rank, so none waits for a result
+        that never comes.
+        """
         if not self.enabled:
             return compute()
-        box = [compute() if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]  # type: ignore[return-value]
+        outcome: list[tuple[T | None, RapcError | None] | None] = [None]
+        if self.is_main:
+            try:
+                outcome = [(compute(), None)]
+            except RapcError as exc:
+                outcome = [(None, exc)]
+        dist.broadcast_object_list(outcome, src=0)
+        result, error = outcome[0]  # type: ignore[misc]
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's (picklable) ``value``, in rank order, on every rank; ``[value]`` for one process."""
+        if not self.enabled:
+            return [value]
+        values: list[T | None] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values  # type: ignore[return-value]
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is set on any rank (one small all-reduce on ``device``, a host-device sync on GPU)."""
+        if not self.enabled:
+            return flag
+        return bool(self.all_sum(torch.tensor(float(flag), device=device)) > 0)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -115,6 +151,36 @@ class Ranks:
         dist.all_reduce(low, op=dist.ReduceOp.MAX)
         if not torch.equal(high, -low):
             raise RuntimeError(f"rank {self.rank}: {what} differ between ranks; distributed training went out of step")
+
+
+# How often the ranks of a torchrun compare their stop requests, in training steps.
+STOP_CHECK_STEPS = 10
+
+
+def agreed_stop(ranks: Ranks, requested: Callable[[], bool], device: torch.device) -> Callable[[int], bool]:
+    """Whether training stops after step ``step`` of an epoch, given this process's stop request.
+
+    One process stops at the first step boundary after a Ctrl-C. The ranks of a torchrun receive
+    their signals at slightly different steps but must stop at the same one; they compare their
+    requests only every STOP_CHECK_STEPS steps of an epoch (and at its end) rather than pay a
+    host-device sync each step, so they stop up to that many steps after the signal. torchrun
+    kills ranks still running 30 s after it forwarded the signal: where STOP_CHECK_STEPS steps and a
+    checkpoint take longer, raise its ``--shutdown-timeout``.
+    """
+    if not ranks.enabled:
+        return lambda step: requested()
+    return lambda step: step % STOP_CHECK_STEPS == 0 and ranks.any(requested(), device)
+
+
+def rapc_command(args: str) -> str:
+    """The command that runs ``rapc ARGS`` the way this process was started: with torchrun's
+    process counts under torchrun (its rendezvous options, for several nodes, left to the user)."""
+    if not under_torchrun():
+        return f"rapc {args}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    nodes = int(os.environ["WORLD_SIZE"]) // per_node
+    launcher = f"torchrun --nnodes {nodes} ... " if nodes > 1 else "torchrun "
+    return f"{launcher}--nproc_per_node {per_node} -m rapc {args}"
 
 
 def set_epoch(data: DataLoader, stage: str, epoch: int) -> None:
@@ -158,5 +224,9 @@ def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     try:
         yield ranks, device
     finally:
+        # After a run the model DDP wrapped sits in reference cycles, and with it what DDP attached to
+        # it, which holds the process group. Freed only at interpreter shutdown, gloo then sometimes
+        # aborted the process ("terminate called without an active exception"); collected now, it is not.
+        gc.collect()
         dist.destroy_process_group()
 

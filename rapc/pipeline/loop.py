@@ -79,16 +79,17 @@ class EpochTotals:
 
 @dataclass(frozen=True)
 class SavePoints:
-    """Checkpoints inside an epoch: every ``every`` steps, and at the first step boundary after a
-    stop was asked for (Ctrl-C), where the loop then stops with KeyboardInterrupt. Between steps
-    the weights, optimizer and random generators are consistent, so a resumed run is exact."""
+    """Checkpoints inside an epoch: every ``every`` steps, and where ``stop`` says to stop (asked
+    after each step with the epoch's step count: the first boundary after a Ctrl-C), where the
+    loop then stops with KeyboardInterrupt. Between steps the weights, optimizer and random
+    generators are consistent, so a resumed run is exact."""
 
     save: Callable[[EpochTotals], None]
     every: int | None = None
-    stop: Callable[[], bool] = lambda: False
+    stop: Callable[[int], bool] = lambda step: False
 
     def after_step(self, totals: EpochTotals) -> None:
-        stop = self.stop()
+        stop = self.stop(totals.steps)
         if stop or (self.every is not None and totals.steps % self.every == 0):
             self.save(totals)
         if stop:

@@ -114,15 +114,3 @@ def test_the_admm_check_raises_on_every_rank_when_one_ranks_z_differs(tmp_path, 
     else:
         assert outcome == {0: "same", 1: "same"}
 
-
-def test_resume_under_torchrun_is_refused_in_one_line(monkeypatch, tmp_path, digits_cfg):
-    from click.testing import CliRunner
-
-    from rapc.cli import main
-    from rapc.rundir import RunDir
-
-    RunDir(tmp_path / "run").start(digits_cfg)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(main, ["compress", "--resume", str(tmp_path / "run")])
-    assert result.exit_code == 2
-    assert result.stderr.splitlines()[-1].startswith("error: --resume runs in one process"), result.stderr

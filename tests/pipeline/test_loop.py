@@ -72,7 +72,7 @@ def test_save_points_checkpoint_every_n_steps_and_stop_at_the_step_after_a_stop_
     saved.clear()
     requests = iter([False, False, True])
     with pytest.raises(KeyboardInterrupt):
-        _epoch(copy.deepcopy(trained_lenet), data, save_points=SavePoints(lambda totals: saved.append(totals.steps), stop=lambda: next(requests)))
+        _epoch(copy.deepcopy(trained_lenet), data, save_points=SavePoints(lambda totals: saved.append(totals.steps), stop=lambda step: next(requests)))
     assert saved == [3]
 
 
@@ -83,7 +83,7 @@ def test_an_epoch_continued_from_saved_totals_ends_as_an_uninterrupted_one(train
     model = copy.deepcopy(trained_lenet)
     optimizer_schedule, saved = _sgd(model, len(data)), []
     with pytest.raises(KeyboardInterrupt):
-        _epoch(model, data, optimizer_schedule, save_points=SavePoints(lambda t: saved.append(t.state_dict()), stop=lambda: True))
+        _epoch(model, data, optimizer_schedule, save_points=SavePoints(lambda t: saved.append(t.state_dict()), stop=lambda step: True))
     totals = EpochTotals.from_state_dict(copy.deepcopy(saved[0]), torch.device("cpu"))
     assert _epoch(model, data[totals.steps:], optimizer_schedule, totals=totals) == whole
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), uninterrupted.state_dict().values()))
