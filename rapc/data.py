@@ -226,6 +226,21 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     return splits
 
 
+def random_splits(shape: tuple[int, int, int], n_train: int, num_classes: int = 10, seed: int = 0) -> Splits:
+    """Uniform random images in [0, 1] with random labels, for speed measurements only: the cost of
+    a training step or an inference does not depend on the pixels. Validation and test hold 256 images."""
+    channels, height, width = shape
+    if height != width:
+        raise RapcError(f"rapc models take square images, got {height}x{width}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> TensorDataset:
+        return TensorDataset(torch.rand(n, *shape, generator=generator), torch.randint(0, num_classes, (n,), generator=generator))
+
+    info = DatasetInfo(num_classes, channels, height, (0.5,) * channels, (0.25,) * channels)
+    return Splits(split(n_train), split(256), split(256), info)
+
+
 def head(dataset: Dataset, n: int | None) -> Dataset:
     """The first n examples (all when n is None): fixed evaluation subsets."""
     if n is None or n >= len(dataset):  # type: ignore[arg-type]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rapc.config import DataConfig
-from rapc.data import load_data
+from rapc.data import load_data, random_splits
 from rapc.errors import RapcError
 
 
@@ -47,3 +47,12 @@ def test_imagefolder_loads_class_folders(tmp_path):
     splits = load_data(DataConfig(name="imagefolder", root=str(tmp_path), val_fraction=0.2), seed=0)
     x, y = splits.test[0]
     assert x.shape == (3, 32, 32) and splits.info.num_classes == 2 and isinstance(y, int)
+
+
+def test_random_splits_are_pixels_in_0_1_with_labels_below_num_classes():
+    splits = random_splits((3, 8, 8), 100, num_classes=5)
+    images, labels = splits.train.tensors
+    assert images.shape == (100, 3, 8, 8) and 0 <= images.min() and images.max() <= 1 and 0 <= labels.min() and labels.max() < 5
+    assert len(splits.val) == len(splits.test) == 256 and (splits.info.channels, splits.info.image_size) == (3, 8)
+    with pytest.raises(RapcError, match="square"):
+        random_splits((3, 8, 6), 10)
