@@ -90,7 +90,7 @@ def test_study_writes_markdown_with_the_budget_and_a_plot(study_dir: Path) -> No
     text = (study_dir / "study.md").read_text()
     assert "Same budget" in text and "4 epochs in total" in text
     for name in DEFAULT_ROWS:
-        assert f"| 2x | filter | {name} |" in text
+        assert f"| 1/2 | filter | {name} |" in text
     assert "ort-cpu b8 ms" in text
     assert plt.imread(study_dir / "study.png").shape[0] > 100
 

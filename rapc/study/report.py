@@ -35,20 +35,26 @@ def _latencies(report: dict[str, Any]) -> tuple[str, int, dict[str, float]] | No
 
 
 def table(report: dict[str, Any]) -> Table:
+    """One line per model. ``kept`` is the fraction of each layer's weights the cell keeps (``--ratios 4``:
+    a quarter); ``fewer`` is the whole model's parameter ratio to dense, larger for filter and channel
+    schemes, whose removed filters also take the next layer's input channels with them."""
     rows = report["dense"] + report["rows"]
+    dense = next(row for row in report["dense"] if row["row"] == BASELINE)
     timed = _latencies(report)
-    headers = ["ratio", "scheme", "row", "params", "MACs", "clean", "PGD", f"AutoAttack ({report['n_autoattack']})"]
+    headers = ["kept", "scheme", "row", "params", "fewer", "MACs", "clean", "PGD"]
+    if report["n_autoattack"]:
+        headers.append(f"AutoAttack ({report['n_autoattack']})")
     if timed:
         headers += [f"{timed[0]} b{timed[1]} ms", "speedup"]
     headers += ["epochs", "train s"]
     lines = []
     for row in rows:
-        aa = row.get("autoattack")
-        line = [f"{row['ratio']:g}x", row["scheme"], row["row"], f"{row['params']:,}", f"{row['macs']:,}", f"{row['clean']:.1%}",
-                f"{row['robust']:.1%}", f"{aa['accuracy']:.1%}" if aa else "-"]
+        line = ["1" if row["ratio"] == 1 else f"1/{row['ratio']:g}", row["scheme"], row["row"], f"{row['params']:,}",
+                f"{dense['params'] / row['params']:.1f}x", f"{row['macs']:,}", f"{row['clean']:.1%}", f"{row['robust']:.1%}"]
+        if report["n_autoattack"]:
+            line.append(f"{row['autoattack']['accuracy']:.1%}")
         if timed:
-            ms = timed[2].get(row["key"])
-            base = timed[2].get(BASELINE)
+            ms, base = timed[2].get(row["key"]), timed[2].get(BASELINE)
             line += [f"{ms:.3f}" if ms else "-", f"{base / ms:.2f}x" if ms and base else "-"]
         line += [" + ".join(f"{n} {e}" for n, e in row["epochs"].items()), f"{row['train_seconds']:.0f}"]
         lines.append(tuple(line))
@@ -78,7 +84,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "rows that start from a shared dense model count its epochs (marked shared) and do not repeat them. "
         "`train s` is the row's own seconds in training steps (validation excluded).", "",
         f"Accuracy is on the test split in PyTorch: clean, PGD as configured, and standard AutoAttack on the first "
-        f"{report['n_autoattack']} test images.", "",
+        f"{report['n_autoattack']} test images. `kept`: the fraction of each layer's weights a cell keeps; `fewer`: "
+        "the model's parameters against dense-robust's (filter and channel pruning also remove the next layer's inputs, "
+        "so they compress more than `kept` says).", "",
         *(f"- `{name}`: {recipe}" for name, recipe in recipes.items()), "",
         table(report).markdown(),
     ]
