@@ -74,6 +74,15 @@ def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fre
     assert not any((dense_filters == f).all(1).any() for f in dict(scratch.named_parameters())[first].detach().flatten(1))
 
 
+def test_rows_on_rapcs_architecture_keep_the_zeros_a_column_shrink_could_not_remove(study_dir: Path, tiny_cfg: Config, tmp_path: Path) -> None:
+    out = shutil.copytree(study_dir, tmp_path / "copy")  # the dense models are reused, only the column rows train
+    options = StudyOptions(ratios=(2.0,), schemes=("column",), rows=("rapc", "scratch", "inherited"), n_autoattack=0,
+                           backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
+    rows = _rows(study(tiny_cfg, out, options).out)
+    assert rows["rapc"]["sparsity"] > 0.2
+    assert rows["scratch"]["sparsity"] == rows["inherited"]["sparsity"] == rows["rapc"]["sparsity"]
+
+
 def test_study_times_every_model_on_ort_cpu_and_lists_unavailable_gpu_backends(study_dir: Path) -> None:
     report = _report(study_dir)
     keys = {row["key"] for row in report["dense"] + report["rows"]}

@@ -6,8 +6,8 @@ and ``dense-natural`` (the same stage on clean inputs). The rows of a cell (rati
 
     rapc               the pipeline from dense-robust: adversarial ADMM -> hard prune ->
                        masked adversarial retraining -> shrink
-    scratch            rapc's shrunk architecture, freshly initialised, trained adversarially
-    inherited          rapc's shrunk architecture with dense-robust's *initial* weights (the
+    scratch            rapc's shrunk architecture (and zeros), freshly initialised, trained adversarially
+    inherited          rapc's shrunk architecture (and zeros) with dense-robust's *initial* weights (the
                        channels rapc kept, sliced from the dense init: the lottery-ticket
                        "inherited init" of Ye et al.), trained adversarially
     finetune-standard  dense-natural, pruned once by magnitude, adversarially fine-tuned with
@@ -167,13 +167,24 @@ def initial_shrunk(cfg: Config, shrunk: Architecture, device: torch.device, fres
     return model
 
 
+def _zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks of the weights that hold zeros: what the shrink could not remove (column,
+    irregular and 2:4 zeros; none after filter pruning) stays zero in the rows trained on rapc's
+    architecture, so they are as sparse as rapc's model."""
+    return {name: p != 0 for name, p in model.named_parameters() if p.dim() > 1 and not p.all()}
+
+
 def _from_init(cell: Cell, directory: Path, name: str, fresh: bool, recipe: str) -> Trained:
-    """rapc's shrunk architecture trained adversarially for the whole budget, from an initialisation."""
+    """rapc's shrunk architecture and zeros, trained adversarially for the whole budget from an initialisation."""
     cfg = cell.cfg
-    shrunk, device = read_architecture(cell.model_of("rapc")), resolve_device(cfg.device)
+    rapc = cell.model_of("rapc")
+    shrunk, device = read_architecture(rapc), resolve_device(cfg.device)
     model = initial_shrunk(cfg, shrunk, device, fresh)
+    masks = MaskSet(model, _zero_pattern(load_model(rapc, allow_import=cfg.model.allow_import)))
+    masks.apply()
     epochs = budget(cfg)
-    _train(cell, directory, model, _Data.make(cfg, device), name, cfg.stages.pretrain.model_copy(update={"epochs": epochs}))
+    _train(cell, directory, model, _Data.make(cfg, device), name, cfg.stages.pretrain.model_copy(update={"epochs": epochs}),
+           hooks=Hooks(before_step=masks.mask_grads, after_step=masks.apply), masks=masks)
     save_model(model, shrunk, directory / MODEL)
     return Trained({name: epochs}, recipe)
 
