@@ -268,7 +268,8 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option("--config", "-c", default=None, metavar="FILE|PRESET",
               help=f"YAML config file or preset name (default {DEFAULT_PRESET}); its pruning scheme and ratio are set per cell.")
 @click.option("--ratios", default="2,4", show_default=True, callback=_float_list,
-              help="Comma-separated compression factors (4: pruning.ratio 0.75, a quarter of each layer kept).")
+              help="Comma-separated per-layer factors: 4 keeps a quarter of each layer (pruning.ratio 0.75); "
+                   "filter pruning then removes about 16x of the parameters, shown as 'fewer' in the table.")
 @click.option("--schemes", default="filter", show_default=True, help="Comma-separated pruning schemes.")
 @click.option("--rows", default=None,
               help="Comma-separated rows (default all): rapc (the pipeline), scratch (rapc's shrunk architecture, random init), inherited "
