@@ -1,7 +1,8 @@
 """The study: the shared dense models, every cell's rows, then the latency of all of them.
 
-Ratios are compression factors: r = 4 prunes ``pruning.ratio = 1 - 1/r = 0.75`` of each
-layer's weights. The dense models live in ``OUT/dense-robust/`` and ``OUT/dense-natural/``,
+Ratios are per-layer factors: r = 4 prunes ``pruning.ratio = 1 - 1/r = 0.75`` of each
+layer's weights (filter pruning then removes about r² of the model's parameters, since each
+pruned filter takes the next layer's inputs with it; the report shows that ratio). The dense models live in ``OUT/dense-robust/`` and ``OUT/dense-natural/``,
 the rows in ``OUT/r{r}-{scheme}/{row}/``; each one's ``row.json`` marks it finished (see
 cache.py), so repeating the command trains nothing finished, and an interrupted row
 continues from its stage checkpoints. AutoAttack figures are cached with the row for the
