@@ -9,7 +9,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +337,36 @@ def _pipeline_on(ranks: Ranks, device: torch.device, cfg: Config, out: str | Pat
     return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device)
 
 
+@dataclass(frozen=True)
+class RunData:
+    """A run's splits, batched as every stage and evaluation of it uses them."""
+
+    train: DataLoader  # under torchrun, this rank's share (DistributedSampler)
+    val: DataLoader
+    test: DataLoader
+    guard_batch: tuple[torch.Tensor, torch.Tensor]  # the FGSM overfitting guard's fixed training batch
+    example: torch.Tensor  # up to 64 validation images on the device: traces for pruning, the shrink and MAC counts
+
+    @classmethod
+    def make(cls, cfg: Config, splits: Splits, device: torch.device, ranks: Ranks = Ranks()) -> RunData:
+        pin, workers = device.type == "cuda", cfg.data.workers
+        train = ranks.train_loader(splits.train, cfg.data.batch_size, seed=cfg.seed, workers=workers, pin=pin)
+        if train is None:
+            train = loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
+        val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
+        test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
+        return cls(train, val, test, next(iter(loader(splits.train, 256, shuffle=False))), next(iter(val))[0][:64].to(device))
+
+
+def hard_prune(model: nn.Module, projector: Projector) -> MaskSet:
+    """Zero what the projection of the current weights drops, and return the masks that keep it zero:
+    the hard prune after ADMM, or a one-shot magnitude prune of a trained model."""
+    params = dict(model.named_parameters())
+    masks = MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params))
+    masks.apply()
+    return masks
+
+
 def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device) -> CompressResult | None:
     seed_everything(cfg.seed)
     splits = load_data(cfg.data, cfg.seed)
@@ -344,16 +374,10 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     model = architecture.build(allow_import=cfg.model.allow_import).to(device)
     if ranks.enabled:  # DDP starts every rank from rank 0's weights; attacks' random starts differ per rank
         torch.manual_seed(cfg.seed + ranks.rank)
-    pin = device.type == "cuda"
-    train = ranks.train_loader(splits.train, cfg.data.batch_size, seed=cfg.seed, workers=cfg.data.workers, pin=pin)
-    if train is None:
-        train = loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.data.workers, pin=pin)
-    val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, pin=pin)
-    test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, pin=pin)
-    guard_batch = next(iter(loader(splits.train, 256, shuffle=False)))
-    example = next(iter(val))[0][:64].to(device)
+    data = RunData.make(cfg, splits, device, ranks)
+    example = data.example
     _check_input(model, example, cfg)
-    trainer = Trainer(cfg, model, device, run, train, val, guard_batch, reporter, ranks, training_module(model, cfg, device, ranks))
+    trainer = Trainer(cfg, model, device, run, data.train, data.val, data.guard_batch, reporter, ranks, training_module(model, cfg, device, ranks))
 
     dense_saved = (run.dense / ARCHITECTURE).is_file()
     if dense_saved:  # resuming after pretraining: the saved dense model is reused
@@ -375,8 +399,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         after_epoch=admm.after_epoch, extra=admm, select_best=False,
     )
 
-    masks = MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params))
-    masks.apply()
+    masks = hard_prune(model, projector)
     if not run.has_checkpoint("retrain"):  # else retraining had begun and this was logged before it
         hard = trainer.validate()
         run.log({"stage": "hard_prune", "val_clean": hard["clean"], "val_robust": hard["robust"], "sparsity": sparsity(model)})
@@ -388,13 +411,13 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
 
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: the shrink and files use NCHW
     result = shrink(model, example, cfg.shrink)
-    save_model(result.model, Architecture(architecture.builder, architecture.args, architecture.input_shape, result.history), run.model)
+    save_model(result.model, replace(architecture, pruning_history=result.history), run.model)
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
 
     reporter.begin("evaluating on the test split", 2)
-    dense_report = _report(dense, test, cfg, device, example, run.dense / WEIGHTS)
+    dense_report = _report(dense, data.test, cfg, device, example, run.dense / WEIGHTS)
     reporter.advance()
-    compressed_report = _report(result.model, test, cfg, device, example, run.model / WEIGHTS)
+    compressed_report = _report(result.model, data.test, cfg, device, example, run.model / WEIGHTS)
     reporter.end("evaluated dense and compressed models on the test split")
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero

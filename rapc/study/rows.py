@@ -28,17 +28,16 @@ A row only trains; ``evaluation.py`` measures every row's final model the same w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from rapc.config import Config, StageConfig, validate
-from rapc.data import Splits, head, load_data, loader
+from rapc.data import Splits, load_data
 from rapc.modelio import Architecture, load_model, read_architecture, save_model
-from rapc.pipeline.compress import Trainer, architecture_for, compress, resolve_device, resume, seed_everything
+from rapc.pipeline.compress import RunData, Trainer, architecture_for, compress, hard_prune, resolve_device, resume, seed_everything
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import MaskSet
@@ -82,25 +81,7 @@ def budget(cfg: Config) -> int:
     return stages.pretrain.epochs + stages.admm.epochs + stages.retrain.epochs
 
 
-@dataclass(frozen=True)
-class _Data:
-    """The training data of a row, split and batched as ``rapc compress`` does."""
-
-    train: DataLoader
-    val: DataLoader
-    guard_batch: tuple[torch.Tensor, torch.Tensor]
-    example: torch.Tensor  # up to 64 validation images on the device: traces for pruning and the shrink
-
-    @classmethod
-    def make(cls, cfg: Config, device: torch.device) -> _Data:
-        splits = load_data(cfg.data, cfg.seed)
-        pin, workers = device.type == "cuda", cfg.data.workers
-        val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
-        return cls(loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin), val,
-                   next(iter(loader(splits.train, 256, shuffle=False))), next(iter(val))[0][:64].to(device))
-
-
-def _train(cell: Cell, directory: Path, model: nn.Module, data: _Data, name: str, stage: StageConfig, cfg: Config | None = None,
+def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, name: str, stage: StageConfig, cfg: Config | None = None,
            hooks: Hooks = Hooks(), masks: MaskSet | None = None) -> None:
     """One stage of ``model`` in ``directory``, checkpointed there (an interrupted row continues)."""
     cfg = cfg or cell.cfg
@@ -119,9 +100,10 @@ def _to_dense_init(cfg: Config) -> Splits:
 
 def _dense(cell: Cell, directory: Path, cfg: Config, recipe: str) -> Trained:
     device = resolve_device(cfg.device)
-    architecture = architecture_for(cfg, _to_dense_init(cfg))
+    splits = _to_dense_init(cfg)
+    architecture = architecture_for(cfg, splits)
     model = architecture.build(allow_import=cfg.model.allow_import).to(device)
-    _train(cell, directory, model, _Data.make(cfg, device), "pretrain", cfg.stages.pretrain, cfg)
+    _train(cell, directory, model, RunData.make(cfg, splits, device), "pretrain", cfg.stages.pretrain, cfg)
     save_model(model, architecture, directory / MODEL)
     return Trained({"pretrain": cfg.stages.pretrain.epochs}, recipe)
 
@@ -183,7 +165,7 @@ def _from_init(cell: Cell, directory: Path, name: str, fresh: bool, recipe: str)
     masks = MaskSet(model, _zero_pattern(load_model(rapc, allow_import=cfg.model.allow_import)))
     masks.apply()
     epochs = budget(cfg)
-    _train(cell, directory, model, _Data.make(cfg, device), name, cfg.stages.pretrain.model_copy(update={"epochs": epochs}),
+    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), name, cfg.stages.pretrain.model_copy(update={"epochs": epochs}),
            hooks=Hooks(before_step=masks.mask_grads, after_step=masks.apply), masks=masks)
     save_model(model, shrunk, directory / MODEL)
     return Trained({name: epochs}, recipe)
@@ -206,15 +188,11 @@ def _pruned_and_finetuned(cell: Cell, directory: Path, dense: str, stage: StageC
     cfg = cell.cfg
     base = cell.model_of(dense)
     model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
-    data = _Data.make(cfg, next(model.parameters()).device)
-    projector = Projector(model, data.example, cfg.pruning)
-    params = dict(model.named_parameters())
-    masks = MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params))
-    masks.apply()
+    data = RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device)
+    masks = hard_prune(model, Projector(model, data.example, cfg.pruning))
     _train(cell, directory, model, data, "finetune", stage, hooks=Hooks(before_step=masks.mask_grads, after_step=masks.apply), masks=masks)
     result = shrink(model, data.example, cfg.shrink)
-    architecture = read_architecture(base)
-    save_model(result.model, Architecture(architecture.builder, architecture.args, architecture.input_shape, result.history), directory / MODEL)
+    save_model(result.model, replace(read_architecture(base), pruning_history=result.history), directory / MODEL)
 
 
 @ROWS.register("finetune-standard")
