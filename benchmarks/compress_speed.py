@@ -128,10 +128,9 @@ from rapc.export.onnx import export_onnx
 from rapc.export.tensorrt import EngineSpec, build_engine, cannot_run_engines
 from rapc.models import MODELS
 from rapc.pipeline.admm import AdmmState
-from rapc.pipeline.compress import architecture_for, resolve_device, seed_everything
+from rapc.pipeline.compress import architecture_for, hard_prune, resolve_device, seed_everything
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
-from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.measure import summary
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
@@ -391,11 +390,9 @@ def measure_training(subject: Subject, variants: list[tuple[str, ...]], args: ar
 
 
 def hard_prune_and_shrink(model: nn.Module, example: torch.Tensor, cfg: Config) -> tuple[nn.Module, nn.Module]:
-    """(dense copy, shrunk model): the Projector's masks applied with MaskSet, then shrink(), as in compress()."""
+    """(dense copy, shrunk model): compress()'s hard prune, then shrink()."""
     dense = copy.deepcopy(model).eval()
-    projector = Projector(model, example, cfg.pruning)
-    params = dict(model.named_parameters())
-    MaskSet(model, projector.masks({n: params[n] for n in projector.targets}, params)).apply()
+    hard_prune(model, Projector(model, example, cfg.pruning))
     return dense, shrink(model.eval(), example, cfg.shrink).model.eval()
 
 
