@@ -49,13 +49,15 @@ def pgd(
     random_start: bool = True,
     autocast_dtype: torch.dtype | None = None,
     keep_fooled: bool = False,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on the cross-entropy inside the eps-ball around x, clamped to [0, 1].
 
     ``autocast_dtype`` runs the forward passes in mixed precision (training); the
     loss is taken in float32 so the sign of the input gradient survives bf16/fp16.
     ``keep_fooled`` (evaluation) freezes an example at the first iterate that fools
-    the model, so more steps can only lower robust accuracy.
+    the model, so more steps can only lower robust accuracy. ``start`` is the first
+    perturbation (pixel units); None: uniform in the eps-ball, or zero without random start.
     """
     if eps == 0:
         return x.detach()
@@ -64,7 +66,10 @@ def pgd(
     # one after the other equals one clamp to their intersection, computed once per batch: each step
     # is then three in-place passes (sign, scaled add, clamp) instead of seven with five new tensors.
     lower, upper = (-x).clamp_(min=-eps), (1 - x).clamp_(max=eps)
-    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    if start is not None:
+        delta = start.detach().clone()
+    else:
+        delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
     delta.clamp_(lower, upper)
     autocast = (
         torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -86,7 +91,7 @@ def pgd(
 
 def perturb(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
-    autocast_dtype: torch.dtype | None = None, keep_fooled: bool = False,
+    autocast_dtype: torch.dtype | None = None, keep_fooled: bool = False, start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The adversarial batch for an attack config ('none' returns x)."""
     if attack.method == "none":
@@ -94,7 +99,7 @@ def perturb(
     steps = 1 if attack.method == "fgsm" else attack.steps
     return pgd(
         model, x, y, eps=attack.eps, step=attack.step_size, steps=steps,
-        random_start=attack.random_start, autocast_dtype=autocast_dtype, keep_fooled=keep_fooled,
+        random_start=attack.random_start, autocast_dtype=autocast_dtype, keep_fooled=keep_fooled, start=start,
     )
 
 
@@ -103,21 +108,29 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(1) == y
 
 
-def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def attack_batch(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The worst case over the attack's restarts: per example, the image that fooled the model
     (or the last restart's, if none did), and whether the model still classifies it correctly.
 
-    An example the model gets wrong clean is its own adversarial image.
+    An example the model gets wrong clean is its own adversarial image. Each restart draws its
+    random start for the whole batch (from ``generator``, else the global generator) and uses the
+    rows of the examples still standing: an example's starts then do not depend on which others
+    fell earlier, so with the same seed more restarts, or more steps at the same step size, can
+    only lower accuracy, example by example.
     """
     correct = _correct(model, x, y)
     x_adv = x.detach().clone()
     if attack.method == "none":
         return x_adv, correct
     for _ in range(attack.restarts):
+        noise = torch.empty_like(x).uniform_(-attack.eps, attack.eps, generator=generator) if attack.random_start else None
         alive = correct.nonzero().squeeze(1)
         if alive.numel() == 0:
             break
-        candidate = perturb(model, x[alive], y[alive], attack, keep_fooled=True)
+        start = None if noise is None else noise[alive]
+        candidate = perturb(model, x[alive], y[alive], attack, keep_fooled=True, start=start)
         x_adv[alive] = candidate
         correct[alive] = _correct(model, candidate, y[alive])
     return x_adv, correct

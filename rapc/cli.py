@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from rapc.config import DEFAULT_PRESET, load_config, presets
+from rapc.bench.backends import BACKENDS
+from rapc.config import DEFAULT_PRESET, ConfigWarning, load_config, presets
 from rapc.errors import RapcError
 from rapc.export.precision import PRECISIONS
-from rapc.progress import RichReporter
+from rapc.export.tensorrt import DEFAULT_RTX_TARGET, RTX_TARGETS
+from rapc.pipeline.schemes import SCHEMES
+from rapc.progress import RichReporter, log_console
+from rapc.rundir import RunPaths
+from rapc.study import ROWS, StudyOptions
+
+# Help texts read the registries and the study's defaults: a newly registered scheme, backend or
+# study row is listed by --help without an edit here.
+STUDY_DEFAULTS = StudyOptions()
 
 
 class RapcGroup(click.Group):
@@ -38,6 +48,18 @@ class RapcGroup(click.Group):
 def main() -> None:
     """rapc: robust, small, fast CNNs. Adversarial ADMM pruning (Ye et al., ICCV 2019),
     physical shrinking with torch-pruning, and deployment checks."""
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A config warning is about the user's input: one `warning:` line, not Python's file:line form."""
+    if issubclass(category, ConfigWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _stdout() -> Console:
@@ -50,6 +72,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _table(dense: dict, compressed: dict, eps: float) -> Table:
+    """Dense beside compressed: size, then every figure of the judge with its attack, n and standard error."""
     table = Table(title="dense vs compressed (test split)")
     table.add_column("")
     for name in ("dense", "compressed", "ratio"):
@@ -58,8 +81,9 @@ def _table(dense: dict, compressed: dict, eps: float) -> Table:
         ("params", f"{dense['params']:,}", f"{compressed['params']:,}", _ratio(dense["params"], compressed["params"])),
         ("MACs", f"{dense['macs']:,}", f"{compressed['macs']:,}", _ratio(dense["macs"], compressed["macs"])),
         ("file", f"{dense['file_bytes'] / 1024:.0f} KiB", f"{compressed['file_bytes'] / 1024:.0f} KiB", _ratio(dense["file_bytes"], compressed["file_bytes"])),
-        ("clean acc", f"{dense['clean']:.2%}", f"{compressed['clean']:.2%}", ""),
-        (f"PGD acc (eps {eps:g})", f"{dense['robust']:.2%}", f"{compressed['robust']:.2%}", ""),
+        (f"clean acc (n={dense['judge']['attacks'][0]['n']})", f"{dense['clean']:.2%}", f"{compressed['clean']:.2%}", ""),
+        *((f"{d['label']} (eps {eps:g}, n={d['n']})", f"{d['accuracy']:.2%} ± {d['stderr']:.1%}", f"{c['accuracy']:.2%} ± {c['stderr']:.1%}", "")
+          for d, c in zip(dense["judge"]["attacks"][1:], compressed["judge"]["attacks"][1:])),
         ("zero weights", f"{dense['sparsity']:.1%}", f"{compressed['sparsity']:.1%}", ""),
     ]
     for row in rows:
@@ -103,18 +127,20 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     """
     from rapc.pipeline.compress import compress as run_compress, resume
     from rapc.pipeline.distributed import env_rank, rapc_command
-    from rapc.rundir import read_run_config
+    from rapc.pipeline.projection import check_schemes
+    from rapc.rundir import open_run
 
     if resume_run is not None:
         if config or overrides or out:
             raise RapcError("--resume continues a run with its own config.yaml and directory; drop --config, --set and --out")
-        cfg, out = read_run_config(resume_run), resume_run
+        cfg, out = open_run(resume_run).config(), resume_run
     else:
         cfg = load_config(config, overrides)
         out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
-    console = Console(stderr=True, quiet=env_rank() != 0)  # the other ranks of a torchrun: rank 0 reports
+    check_schemes(cfg.pruning)
+    console = log_console(quiet=env_rank() != 0)  # the other ranks of a torchrun: rank 0 reports
     console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
-                  f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}")
+                  f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}", markup=False)
     try:
         with RichReporter(console) as reporter:
             result = resume(out, reporter) if resume_run else run_compress(cfg, out, reporter)
@@ -129,14 +155,18 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     out_console = _stdout()
     out_console.print(_layer_table(result.layers))
     out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
+    out_console.print(f"dense: {result.baseline}", markup=False)
     for note in result.notes:
-        out_console.print(f"note: {note}")
+        out_console.print(f"note: {note}", markup=False)
+    for warning in result.warnings:
+        out_console.print(f"warning: {warning}", style="yellow", markup=False)
     click.echo(f"run directory: {result.run}")
 
 
 def _export_table(result) -> Table:
     folder = result.files[0].parent if result.files else ""
-    table = Table(title=f"exported to {folder} (fidelity on clean / PGD test images)")
+    attack = f"{result.attack['label']}, n={result.attack['n']}" if result.attack else "PGD"
+    table = Table(title=f"exported to {folder} (fidelity on clean / {attack} test images)")
     for name in ("file", "MB", "checked against", "max abs diff", "top-1 agreement", "accuracy"):
         table.add_column(name, justify="left" if name in ("file", "checked against") else "right")
     for path in result.files:
@@ -167,9 +197,9 @@ def _export_table(result) -> Table:
               help="Test images (and as many PGD examples) on which every file is checked.")
 @click.option("--trt", is_flag=True,
               help="Build a TensorRT engine from every ONNX file (needs `pip install 'rapc[gpu]'` and a CUDA GPU; "
-                   "falls back to TensorRT-RTX engines when only tensorrt-rtx is installed).")
-@click.option("--trt-rtx", is_flag=True, help="Build TensorRT-RTX engines (no GPU needed to build) for --rtx-target.")
-@click.option("--rtx-target", default="SM86", show_default=True, type=click.Choice(["SM75", "SM80", "SM86", "SM89", "SM120"]),
+                   "without them: an error after the ONNX files are written).")
+@click.option("--trt-rtx", is_flag=True, help="Build TensorRT-RTX engines instead (for RTX GPUs; no GPU needed to build) for --rtx-target.")
+@click.option("--rtx-target", default=DEFAULT_RTX_TARGET, show_default=True, type=click.Choice(RTX_TARGETS),
               help="Compute capability of TensorRT-RTX engines.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Largest batch of the engines' optimization profile (1..max, tuned for min(64, max)).")
@@ -188,9 +218,10 @@ def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt
     """
     from rapc.export.artifacts import EngineOptions, export_run
 
-    console = Console(stderr=True)
-    with RichReporter(console) as reporter:
-        engines = EngineOptions("tensorrt-rtx" if trt_rtx else "auto", max_batch, sparse, rtx_target) if trt or trt_rtx else None
+    if trt and trt_rtx:
+        raise click.UsageError("--trt and --trt-rtx build engines for different GPUs; choose one")
+    with RichReporter(log_console()) as reporter:
+        engines = EngineOptions("tensorrt-rtx" if trt_rtx else "tensorrt", max_batch, sparse, rtx_target) if trt or trt_rtx else None
         result = export_run(run, dense=dense, precisions=precisions, n_check=n_check, engines=engines, out=out, reporter=reporter)
     _stdout().print(_export_table(result))
 
@@ -217,16 +248,19 @@ def _pgd(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--backends", default=None, metavar="NAMES",
               help="Comma-separated latency backends (default: all; those that cannot run here are listed as skipped). "
-                   "Known: torch-eager, torch-compiled, torch-eager-cuda, torch-compiled-cuda, torch-cudagraphs, ort-cpu, ort-cuda, ort-trt, tensorrt.")
+                   f"Known: {', '.join(BACKENDS)}.")
 @click.option("--batch-sizes", default="1,8,64,256", show_default=True, callback=_int_list, help="Comma-separated batch sizes for latency.")
 @click.option("--attacks", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
-              help="quick: clean, FGSM, PGD-20x1. full: also PGD-50x5 and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square 5000).")
+              help="quick: clean, FGSM, PGD and the ensemble APGD-CE + APGD-T (100 steps, 9 targets), worst case per image. "
+                   "full: also FAB-T and Square 5000 (the standard AutoAttack).")
 @click.option("--n-eval", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images to attack.")
-@click.option("--n-autoattack", type=click.IntRange(min=1), default=None, help="AutoAttack on the first N of them (default all; it is slow on CPU).")
-@click.option("--pgd", default=None, callback=_pgd, metavar="STEPSxRESTARTS", help="The strongest PGD (default 20x1 quick, 50x5 full).")
+@click.option("--n-ensemble", "--n-autoattack", "n_ensemble", type=click.IntRange(min=1), default=None,
+              help="The ensemble (and FAB-T, Square) on the first N of them (default all; it is slow on CPU). The report gives n and the standard error.")
+@click.option("--pgd", default=None, callback=_pgd, metavar="STEPSxRESTARTS",
+              help="The judge's PGD, at step 2.5*eps/steps (default: the run's attack.eval steps, at least 2 restarts).")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Minimum timed seconds per batch size.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/bench).")
-def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int, n_autoattack: int | None,
+def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int, n_ensemble: int | None,
           pgd: tuple[int, int] | None, min_seconds: float, out: str | None) -> None:
     """Latency and robust accuracy of a run's dense and compressed models, side by side.
 
@@ -235,16 +269,15 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
     backend and batch size, dense and compressed interleaved in one process. Writes
     RUN/bench/bench.json, report.md, robust_vs_latency.png and layers.png.
     """
-    from rapc.bench.backends import BACKENDS
     from rapc.bench.latency import TimingPolicy
     from rapc.bench.report import skipped_lines, tables
     from rapc.bench.run import BenchOptions, bench_run
 
     options = BenchOptions(
         backends=tuple(backends.split(",")) if backends else tuple(BACKENDS), batch_sizes=batch_sizes, attacks=attacks,
-        n_eval=n_eval, n_autoattack=n_autoattack, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
+        n_eval=n_eval, n_ensemble=n_ensemble, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
     )
-    with RichReporter(Console(stderr=True)) as reporter:
+    with RichReporter(log_console()) as reporter:
         report = bench_run(run, options, out, reporter)
     console = _stdout()
     for table in tables(report):
@@ -254,7 +287,7 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
         console.print(f"skipped {line}", style="dim", markup=False)
     for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False)
-    click.echo(f"report: {Path(out or Path(run) / 'bench') / 'report.md'}")
+    click.echo(f"report: {Path(out or RunPaths(run).bench) / 'report.md'}")
 
 
 def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -270,19 +303,22 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option("--ratios", default="2,4", show_default=True, callback=_float_list,
               help="Comma-separated per-layer factors: 4 keeps a quarter of each layer (pruning.ratio 0.75); "
                    "filter pruning then removes about 16x of the parameters, shown as 'fewer' in the table.")
-@click.option("--schemes", default="filter", show_default=True, help="Comma-separated pruning schemes.")
+@click.option("--schemes", default=",".join(STUDY_DEFAULTS.schemes), show_default=True,
+              help=f"Comma-separated pruning schemes; known: {', '.join(SCHEMES)}.")
 @click.option("--rows", default=None,
-              help="Comma-separated rows (default all): rapc (the pipeline), scratch (rapc's shrunk architecture, random init), inherited "
-                   "(the same, the dense model's initial weights), finetune-standard (natural dense, magnitude pruned, adversarially "
-                   "fine-tuned), oneshot-magnitude (robust dense, magnitude pruned, adversarially fine-tuned).")
-@click.option("--n-autoattack", default=None, type=int,
-              help="Standard AutoAttack on the first N test images of every model (default 100; 0: none).")
+              help="Comma-separated rows (default all): "
+                   + ", ".join(f"{name} ({ROWS.info(name).get('summary', 'see rapc/study/rows.py')})" for name in ROWS) + ".")
+@click.option("--n-ensemble", "--n-autoattack", "n_ensemble", type=click.IntRange(min=1), default=STUDY_DEFAULTS.n_ensemble,
+              help="The judge's ensemble APGD-CE + APGD-T (100 steps, 9 targets) on the first N test images of every model "
+                   f"(default {STUDY_DEFAULTS.n_ensemble or 'all'}; it is slow on CPU). The table gives n and the standard error.")
 @click.option("--backends", default=None,
-              help="Comma-separated latency backends (default ort-cpu,ort-cuda,torch-cudagraphs; those that cannot run here are listed as skipped).")
-@click.option("--batch-sizes", default=None, callback=_int_list, help="Comma-separated latency batch sizes (default 1,64).")
+              help=f"Comma-separated latency backends (default {','.join(STUDY_DEFAULTS.backends)}; those that cannot run here are "
+                   f"listed as skipped). Known: {', '.join(BACKENDS)}.")
+@click.option("--batch-sizes", default=None, callback=_int_list,
+              help=f"Comma-separated latency batch sizes (default {','.join(map(str, STUDY_DEFAULTS.batch_sizes))}).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value (repeatable).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Study directory (default runs/study-<config name>).")
-def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str | None, n_autoattack: int | None, backends: str | None,
+def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str | None, n_ensemble: int | None, backends: str | None,
           batch_sizes: tuple[int, ...] | None, overrides: tuple[str, ...], out: str | None) -> None:
     """rapc's pipeline beside four baselines, for every compression ratio and scheme, in one table.
 
@@ -296,11 +332,11 @@ def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str
     from rapc.study.report import table
 
     cfg = load_config(config, overrides)
-    given = {"rows": rows and tuple(rows.split(",")), "n_autoattack": n_autoattack,
-             "backends": backends and tuple(backends.split(",")), "batch_sizes": batch_sizes}
-    options = StudyOptions(ratios, tuple(schemes.split(",")), **{k: v for k, v in given.items() if v is not None})
+    given = {"rows": rows and tuple(rows.split(",")), "backends": backends and tuple(backends.split(",")), "batch_sizes": batch_sizes}
+    options = StudyOptions(ratios, tuple(schemes.split(",")), n_ensemble=n_ensemble,
+                           **{k: v for k, v in given.items() if v is not None})
     out = out or str(Path("runs") / f"study-{Path(config or DEFAULT_PRESET).stem}")
-    console = Console(stderr=True)
+    console = log_console()
     with RichReporter(console) as reporter:
         result = run_study(cfg, out, options, reporter)
     _stdout().print(table(result.report).rich())

@@ -9,6 +9,7 @@ the key.
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -88,9 +89,24 @@ class TrainAttackConfig(AttackConfig):
     guard: OverfitGuardConfig = Field(default_factory=OverfitGuardConfig)
 
 
+class ConfigWarning(UserWarning):
+    """A config that is valid but likely not what its author meant; the run goes on."""
+
+
 class AttacksConfig(Strict):
     train: TrainAttackConfig = Field(default_factory=TrainAttackConfig)
     eval: AttackConfig = Field(default_factory=lambda: AttackConfig(steps=20))
+
+    @model_validator(mode="after")
+    def _eval_pgd_can_cross_the_box(self) -> AttacksConfig:
+        # From a random start PGD must be able to travel 2*eps to reach the far side of the eps-box;
+        # a shorter walk overstates robustness. A warning, not an error: old runs' configs must still load.
+        ev = self.eval
+        if ev.method == "pgd" and ev.step is not None and ev.steps * ev.step < 2 * ev.eps:
+            warnings.warn(f"attack.eval: {ev.steps} steps of {ev.step:g} travel {ev.steps * ev.step:.3g} < 2*eps = {2 * ev.eps:.3g}, "
+                          f"too short to cross the eps-box; robust accuracy will be overstated. Remove attack.eval.step "
+                          f"to use 2.5*eps/steps = {2.5 * ev.eps / ev.steps:.3g}", ConfigWarning)
+        return self
 
 
 class OptimizerConfig(Strict):
@@ -124,9 +140,16 @@ class StagesConfig(Strict):
     pretrain: StageConfig = Field(default_factory=StageConfig)
     admm: StageConfig = Field(default_factory=StageConfig)
     retrain: StageConfig = Field(default_factory=StageConfig)
+    dense_control: bool = Field(
+        True, description="train the pretrained dense model on for the ADMM and retraining stages' epochs and schedules, "
+        "unpruned, and compare the compressed model with it (an equal training budget); false: compare with the "
+        "pretrained model, which trained for fewer epochs (the report says so)")
 
 
-Scheme = Literal["filter", "column", "channel", "irregular", "nm"]
+# A registered pruning scheme's name. The registry (rapc.pipeline.schemes.SCHEMES) is the only list of
+# them; this core module cannot import it, so the names are checked at the edge, before any work
+# (rapc.pipeline.projection.check_schemes: by `rapc compress`, the study's cells and the projector).
+Scheme = Annotated[str, Field(description="the name of a registered pruning scheme")]
 
 
 class LayerRule(Strict):
@@ -164,8 +187,10 @@ class ShrinkConfig(Strict):
 
 
 class EvalConfig(Strict):
-    n_test: Annotated[int | None, Field(gt=0)] = Field(None, description="test images for the final PGD numbers; None: all")
-    n_val: Annotated[int | None, Field(gt=0)] = Field(500, description="validation images for per-epoch model selection")
+    n_test: Annotated[int | None, Field(gt=0)] = Field(None, description="test images for the final clean and PGD figures; None: all")
+    n_ensemble: Annotated[int | None, Field(gt=0)] = Field(
+        None, description="the first N of those attacked by the ensemble (APGD-CE + APGD-T); None: all. The report gives n and the standard error")
+    n_val: Annotated[int | None, Field(gt=0)] = Field(None, description="validation images for per-epoch model selection; None: all")
 
 
 class Config(Strict):

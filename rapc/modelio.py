@@ -18,8 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rapc.config import ModelConfig
+from rapc.data import DatasetInfo
 from rapc.errors import RapcError
+from rapc.graph import build_graph
 from rapc.models import create_model
+from rapc.rundir import RunPaths, atomic_write
 
 FORMAT = "rapc-model/1"
 ARCHITECTURE = "architecture.json"
@@ -33,6 +37,20 @@ class Architecture:
     input_shape: list[int]  # [channels, height, width] of one image
     pruning_history: list = field(default_factory=list)
 
+    @classmethod
+    def for_data(cls, model: ModelConfig, info: DatasetInfo) -> Architecture:
+        """The dense architecture a config builds for a dataset: its classes, channels, size and statistics."""
+        args = {
+            "num_classes": info.num_classes,
+            "in_channels": info.channels,
+            "image_size": info.image_size,
+            "width": model.width,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            **model.kwargs,
+        }
+        return cls(model.name, args, [info.channels, info.image_size, info.image_size])
+
     def example(self, batch: int = 2) -> torch.Tensor:
         return torch.rand(batch, *self.input_shape)
 
@@ -40,8 +58,6 @@ class Architecture:
         """The architecture with its pruning replayed, randomly initialised."""
         model = create_model(self.builder, allow_import=allow_import, **self.args)
         if self.pruning_history:
-            from rapc.pipeline.coupling import build_graph
-
             try:
                 build_graph(model, self.example()).load_pruning_history(self.pruning_history)
             except (KeyError, IndexError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # a malformed record
@@ -50,8 +66,6 @@ class Architecture:
 
 
 def save_model(model: nn.Module, architecture: Architecture, directory: Path) -> Path:
-    from rapc.rundir import atomic_write
-
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
@@ -112,9 +126,10 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise RapcError(f"{path} does not exist")
     if (path / ARCHITECTURE).is_file():
         return path
-    if (path / "model" / ARCHITECTURE).is_file():
-        return path / "model"
-    raise RapcError(f"{path} holds no saved model (no {ARCHITECTURE} there or in {path / 'model'})")
+    compressed = RunPaths(path).model
+    if (compressed / ARCHITECTURE).is_file():
+        return compressed
+    raise RapcError(f"{path} holds no saved model (no {ARCHITECTURE} there or in {compressed})")
 
 
 def load_model(path: str | Path, *, allow_import: bool = False) -> nn.Module:

@@ -4,7 +4,10 @@ so an interrupted run never leaves a partial file where a complete one is expect
     runs/NAME/config.yaml          resolved config
     runs/NAME/metrics.jsonl        one line per epoch
     runs/NAME/checkpoints/STAGE.pt state dicts (loaded with weights_only=True)
-    runs/NAME/dense/               the dense robust model (saved-model format)
+    runs/NAME/pretrained/          the dense model after pretraining: where pruning starts
+    runs/NAME/dense/               the dense baseline the compressed model is compared with: the
+                                   pretrained model trained on for as long as pruning took
+                                   (stages.dense_control), else the pretrained model itself
     runs/NAME/model/               the compressed, shrunk model
     runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
                                    last, so it marks a finished run
@@ -55,18 +58,23 @@ def writable_dir(path: str | Path) -> Path:
     return path
 
 
-def read_run_config(root: str | Path) -> Config:
-    """The resolved config of the run in ``root`` (which must exist: resuming never creates a run)."""
-    path = Path(root) / "config.yaml"
-    if not path.is_file():
-        raise RapcError(f"{root} holds no run to resume (no config.yaml there)")
-    return load_config(str(path))
+class RunPaths:
+    """Where each part of a run lives, and what reading it needs; creates nothing.
 
+    Every path inside a run directory is spelled here only, so that the layout in the module
+    docstring is the one every command reads and writes.
+    """
 
-class RunDir:
     def __init__(self, root: str | Path) -> None:
-        self.root = writable_dir(root)
-        (self.root / "checkpoints").mkdir(exist_ok=True)
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "pretrained"
 
     @property
     def dense(self) -> Path:
@@ -76,42 +84,28 @@ class RunDir:
     def model(self) -> Path:
         return self.root / "model"
 
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
     def checkpoint(self, stage: str) -> Path:
         return self.root / "checkpoints" / f"{stage}.pt"
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.yaml"
-
-    def start(self, config: Config) -> None:
-        """Begin a new run here; a directory that holds one is never overwritten (its work would be lost).
-
-        A config.yaml alone is no work: a run that failed on its input before training may start again.
-        """
-        started = (self.root / "metrics.jsonl").exists() or self.dense.exists() or any((self.root / "checkpoints").glob("*.pt"))
-        if started:
-            raise RapcError(f"{self.root} already holds a run: `rapc compress --resume {self.root}` continues it; choose another --out for a new one")
-        atomic_write(self.config_path, lambda tmp: tmp.write_text(dump_config(config)))
+    def config(self) -> Config:
+        return load_config(str(self.config_path))
 
     def summary(self) -> dict[str, Any] | None:
         """The finished run's summary.json, or None while the run is unfinished."""
         path = self.root / "summary.json"
         return json.loads(path.read_text()) if path.is_file() else None
-
-    def write_json(self, name: str, data: Any) -> Path:
-        return atomic_write(self.root / name, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
-
-    def log(self, record: dict[str, Any]) -> None:
-        with open(self.root / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    def _metrics_bytes(self) -> int:
-        path = self.root / "metrics.jsonl"
-        return path.stat().st_size if path.is_file() else 0
-
-    def save_checkpoint(self, stage: str, state: dict[str, Any]) -> None:
-        state = {**state, "metrics_bytes": self._metrics_bytes(), "format": CHECKPOINT_FORMAT}
-        atomic_write(self.checkpoint(stage), lambda tmp: torch.save(state, tmp))
 
     def has_checkpoint(self, stage: str) -> bool:
         return self.checkpoint(stage).is_file()
@@ -129,13 +123,53 @@ class RunDir:
         """The error for a checkpoint this rapc cannot continue from (older, newer, or not rapc's)."""
         return RapcError(f"checkpoint {self.checkpoint(stage)} was written by another version of rapc; start a new run")
 
+
+def open_run(root: str | Path) -> RunPaths:
+    """An existing run directory, to read, resume, export or bench (a run is a directory with its config.yaml)."""
+    run = RunPaths(root)
+    if not run.config_path.is_file():
+        raise RapcError(f"{root} is not a run directory (no config.yaml); make one with `rapc compress --out {root}`")
+    return run
+
+
+class RunDir(RunPaths):
+    """A run directory that this process writes."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(writable_dir(root))
+        (self.root / "checkpoints").mkdir(exist_ok=True)
+
+    def start(self, config: Config) -> None:
+        """Begin a new run here; a directory that holds one is never overwritten (its work would be lost).
+
+        A config.yaml alone is no work: a run that failed on its input before training may start again.
+        """
+        started = self.metrics.exists() or self.pretrained.exists() or any((self.root / "checkpoints").glob("*.pt"))
+        if started:
+            raise RapcError(f"{self.root} already holds a run: `rapc compress --resume {self.root}` continues it; choose another --out for a new one")
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(dump_config(config)))
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return atomic_write(self.root / name, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def _metrics_bytes(self) -> int:
+        return self.metrics.stat().st_size if self.metrics.is_file() else 0
+
+    def save_checkpoint(self, stage: str, state: dict[str, Any]) -> None:
+        state = {**state, "metrics_bytes": self._metrics_bytes(), "format": CHECKPOINT_FORMAT}
+        atomic_write(self.checkpoint(stage), lambda tmp: torch.save(state, tmp))
+
     def rewind(self, stages: Sequence[str]) -> None:
         """Before resuming: cut metrics.jsonl back to what the latest checkpoint (in stage order)
         covers, and remove temporary files a kill left half-written (never the only copy of anything)."""
         latest = next((stage for stage in reversed(stages) if self.has_checkpoint(stage)), None)
         keep = self.load_checkpoint(latest, mmap=True)["metrics_bytes"] if latest else 0
         if self._metrics_bytes() > keep:
-            os.truncate(self.root / "metrics.jsonl", keep)
+            os.truncate(self.metrics, keep)
         for tmp in self.root.rglob(".*.tmp"):
             tmp.unlink()
 

@@ -22,7 +22,11 @@ class Table:
     def rich(self) -> RichTable:
         out = RichTable(title=self.title)
         for i, header in enumerate(self.headers):
-            out.add_column(header, justify="left" if i < self.label_columns else "right")
+            if i < self.label_columns:  # names are never cut short; long figure headers (attack labels) wrap instead
+                width = max(len(str(text)) for text in (header, *(row[i] for row in self.rows)))
+                out.add_column(header, justify="left", no_wrap=True, min_width=width)
+            else:
+                out.add_column(header, justify="right")
         for row in self.rows:
             out.add_row(*row)
         return out

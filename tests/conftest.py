@@ -9,7 +9,7 @@ import torch
 
 from rapc.config import Config, load_config
 from rapc.data import Splits, load_data, loader
-from rapc.pipeline.compress import architecture_for
+from rapc.modelio import Architecture
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def trained_lenet(digits_cfg: Config, digits: Splits) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = digits_cfg.model_copy(deep=True)
     cfg.model.width = 8
-    model = architecture_for(cfg, digits).build()
+    model = Architecture.for_data(cfg.model, digits.info).build()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(8):
         for x, y in loader(digits.train, 64, shuffle=True):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rapc.attacks import evaluate, frozen_bn_stats, perturb, pgd, robust_correct
+from rapc.attacks import attack_batch, evaluate, frozen_bn_stats, perturb, pgd, robust_correct
 from rapc.config import AttackConfig
 from rapc.data import loader
 from rapc.models import create_model
@@ -106,3 +106,30 @@ def test_evaluate_reports_clean_and_robust_accuracy_in_eval_mode(trained_lenet, 
     trained_lenet.eval()
     assert result["clean"] > 0.9
     assert result["robust"] < result["clean"] - 0.2
+
+
+def test_restarts_draw_starts_for_the_whole_batch_so_more_restarts_break_a_superset(trained_lenet, digits_batch):
+    x, y = digits_batch
+    still_correct = []
+    for restarts in (1, 3):
+        generator = torch.Generator().manual_seed(0)
+        attack = AttackConfig(method="pgd", eps=0.05, steps=3, step=0.02, restarts=restarts)
+        still_correct.append(attack_batch(trained_lenet, x, y, attack, generator=generator)[1])
+    assert not (still_correct[1] & ~still_correct[0]).any()  # image by image, not only on average
+    assert still_correct[1].sum() < still_correct[0].sum()
+
+
+def test_an_attack_with_its_own_generator_leaves_the_global_random_state_alone(trained_lenet, digits_batch):
+    x, y = digits_batch
+    torch.manual_seed(4)
+    expected = torch.rand(2)
+    torch.manual_seed(4)
+    attack_batch(trained_lenet, x[:32], y[:32], AttackConfig(method="pgd", eps=0.05, steps=2, restarts=2), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_pgd_starts_from_the_given_perturbation(trained_lenet, digits_batch):
+    x, y = digits_batch[0][:16], digits_batch[1][:16]
+    start = torch.full_like(x, 0.05)
+    first = pgd(trained_lenet, x, y, eps=0.1, step=0.01, steps=0, start=start)
+    assert torch.allclose(first, (x + start).clamp(0, 1))

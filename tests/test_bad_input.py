@@ -127,7 +127,7 @@ CASES = [
     ("ratio-negative", compress("pruning.ratio=-0.25"), ["pruning.ratio", "greater than or equal to 0", "-0.25"]),
     ("layer-rule-prunes-every-filter", compress("pruning.layers=[{pattern: conv1, ratio: 1.0}]"), ["pruning.layers.0.ratio", "less than 1"]),
     ("eps-negative", compress("attack.train.eps=-0.1"), ["attack.train.eps", "greater than or equal to 0", "-0.1"]),
-    ("unknown-scheme", compress("pruning.scheme=diagonal"), ["pruning.scheme", "'diagonal'", "'filter'"]),
+    ("unknown-scheme", compress("pruning.scheme=diagonal"), ["pruning.scheme", "'diagonal'", "known: filter"]),
     ("unknown-layer-rule-scheme", compress("pruning.layers=[{pattern: 'conv*', scheme: rows}]"), ["pruning.layers.0.scheme", "'rows'"]),
     ("unknown-preset", compress(config="no-such-preset"), ["unknown preset 'no-such-preset'", "digits-lenet-filter"]),
     ("invalid-yaml", config_file("data: {name: [unclosed\n"), ["{tmp}/my.yaml: not valid YAML"]),

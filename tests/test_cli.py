@@ -1,6 +1,8 @@
 """The real console script, end to end, in a subprocess."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,18 +14,20 @@ import torch
 import rapc
 from click.testing import CliRunner
 from rapc.cli import main
+from rapc.modelio import load_model
 
 RAPC = [shutil.which("rapc") or str(Path(sys.executable).with_name("rapc"))]
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*RAPC, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAPC, *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The whole run with stdout and stderr to pipes, as in CI or `| tee`; 40 columns makes rich wrap any line it would wrap."""
     out = tmp_path_factory.mktemp("runs") / "digits"
-    return out, _run("compress", "-c", "digits-lenet-filter", "--out", str(out))
+    return out, _run("compress", "-c", "digits-lenet-filter", "--out", str(out), env=os.environ | {"COLUMNS": "40"})
 
 
 def test_compress_runs_end_to_end_on_digits(digits_run):
@@ -32,19 +36,49 @@ def test_compress_runs_end_to_end_on_digits(digits_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/admm.pt", "checkpoints/retrain.pt",
                  "dense/architecture.json", "dense/weights.safetensors", "model/architecture.json", "model/weights.safetensors"):
         assert (out / name).is_file(), name
-    assert "dense vs compressed" in proc.stdout and "PGD acc" in proc.stdout
+    assert "dense vs compressed" in proc.stdout and "PGD acc" not in proc.stdout
+    # every robust figure names its attack and n: the judge's PGD (restarts, rule step) and the ensemble
+    assert "PGD-10x2 step 0.025 (eps 0.1, n=360)" in proc.stdout and "APGD-CE + APGD-T (100 steps, 9 targets)" in proc.stdout
+    assert "dense: a budget-matched control" in proc.stdout
+
+
+def test_a_log_to_a_pipe_has_one_whole_line_per_epoch_and_no_progress_bar(digits_run):
+    out, proc = digits_run
+    lines = proc.stderr.splitlines()
+    epochs = [line for line in lines if re.match(r"(pretrain|admm|retrain|dense-admm|dense-retrain) +\d+/\d+ ", line)]
+    assert [line.split()[0] for line in epochs] == (["pretrain"] * 6 + ["admm"] * 4 + ["retrain"] * 3
+                                                    + ["dense-admm"] * 4 + ["dense-retrain"] * 3), proc.stderr
+    for line in epochs:
+        assert "loss" in line and "val clean" in line and "PGD-10x2 step 0.025" in line and re.search(r"  \d+s$", line), line
+        if line.startswith("admm"):
+            assert re.search(r"  rho \S+  residual \d\.\d{3}  \d+s$", line), line
+    fragments = [line for line in lines if re.match(r"\s*(rho|residual|val clean|acc|\d+s$)", line)]
+    assert not fragments, proc.stderr
+    assert lines[0].startswith("rapc compress: lenet") and lines[0].endswith(f"-> {out}")  # the heading is whole too
+    assert "\x1b" not in proc.stderr and "━" not in proc.stderr  # no cursor control, no bar
 
 
 def test_compress_writes_one_metrics_line_per_epoch_with_admm_residuals(digits_run):
     out, _ = digits_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stages = [r["stage"] for r in records]
-    assert stages == ["pretrain"] * 6 + ["admm"] * 4 + ["hard_prune"] + ["retrain"] * 3
+    assert stages == ["pretrain"] * 6 + ["admm"] * 4 + ["hard_prune"] + ["retrain"] * 3 + ["dense-admm"] * 4 + ["dense-retrain"] * 3
     admm = [r for r in records if r["stage"] == "admm"]
     assert set(admm[0]["residuals"]) == {"conv1", "conv2", "fc1"}
     assert admm[-1]["rho"] > admm[0]["rho"]
     retrain = [r for r in records if r["stage"] == "retrain"]
     assert all(r["sparsity"] == pytest.approx(retrain[0]["sparsity"]) and r["sparsity"] > 0.3 for r in retrain)
+
+
+def test_the_dense_baseline_trained_as_long_as_the_compressed_model(digits_run):
+    """The dense figures come from the pretrained model trained on, unpruned, through the ADMM and
+    retraining stages' schedules: the comparison is at an equal training budget and says so."""
+    out, _ = digits_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"].startswith("a budget-matched control")
+    pretrained, dense = load_model(out / "pretrained"), load_model(out / "dense")
+    assert any(not torch.equal(a, b) for a, b in zip(pretrained.state_dict().values(), dense.state_dict().values()))
+    assert dense.conv1.weight.shape == pretrained.conv1.weight.shape
 
 
 def test_compressed_model_is_smaller_and_still_robust(digits_run):
@@ -55,6 +89,9 @@ def test_compressed_model_is_smaller_and_still_robust(digits_run):
     assert compressed["file_bytes"] < dense["file_bytes"] / 3
     assert compressed["clean"] > 0.8
     assert 0.2 < compressed["robust"] < compressed["clean"]
+    attacks = {a["name"]: a for a in compressed["judge"]["attacks"]}
+    assert compressed["robust"] == attacks["ensemble"]["accuracy"] <= attacks["pgd"]["accuracy"] <= attacks["fgsm"]["accuracy"]
+    assert all(a["n"] == 360 and "label" in a and "stderr" in a for a in attacks.values())
     assert summary["shrink"]["max_abs_diff"] < 1e-4
 
 

@@ -41,7 +41,6 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("attack.train.eps=-0.1", "attack.train.eps"),
         ("pruning.colour=3", "pruning.colour: unknown key"),
         ("stages.admm.epochs=many", "stages.admm.epochs"),
-        ("pruning.scheme=diagonal", "pruning.scheme"),
         ("pruning.nm=[4, 4]", "N must be smaller than M"),
         ("data=3", "data"),
         ("novalue", "expected KEY=VALUE"),

@@ -15,13 +15,17 @@ from rapc.cli import main
 from rapc.config import Config, load_config
 from rapc.errors import RapcError
 from rapc.modelio import read_architecture
-from rapc.pipeline.compress import Trainer, architecture_for
+from rapc.modelio import Architecture
+from rapc.pipeline.trainer import Trainer
 from rapc.study import DEFAULT_ROWS, StudyOptions, study
+from rapc.study.evaluation import judged
 from rapc.study.rows import _to_dense_init, initial_shrunk
 
 TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1")
 QUICK = TimingPolicy(warmup=2, min_iters=5, min_seconds=0.05)
-OPTIONS = StudyOptions(ratios=(2.0,), schemes=("filter",), n_autoattack=0, backends=("ort-cpu", "ort-cuda"), batch_sizes=(1, 8), timing=QUICK)
+N_ENSEMBLE = 20  # the ensemble on the first 20 test images: the attack itself is tested in tests/test_judge.py
+OPTIONS = StudyOptions(ratios=(2.0,), schemes=("filter",), n_ensemble=N_ENSEMBLE, backends=("ort-cpu", "ort-cuda"), batch_sizes=(1, 8),
+                       timing=QUICK)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +59,14 @@ def test_study_trains_every_row_to_rapcs_architecture_on_the_same_epoch_budget(s
         assert (rows[name]["params"], rows[name]["macs"]) == (rapc["params"], rapc["macs"]), name
         assert sum(rows[name]["epochs"].values()) == _report(study_dir)["budget_epochs"] == 4, name
     for row in rows.values():
-        assert 0 <= row["robust"] <= row["clean"] <= 1
+        assert 0 <= row["judge"]["robust"]["accuracy"] <= row["judge"]["clean"] <= 1
         assert row["train_seconds"] > 0
-    assert rows["dense-natural"]["robust"] < rows["dense-robust"]["robust"]  # adversarial training buys robustness
+    robust = {name: {a["name"]: a["accuracy"] for a in row["judge"]["attacks"]} for name, row in rows.items()}
+    assert robust["dense-natural"]["pgd"] < robust["dense-robust"]["pgd"]  # adversarial training buys robustness
 
 
 def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fresh(study_dir: Path, tiny_cfg: Config) -> None:
-    dense = architecture_for(tiny_cfg, _to_dense_init(tiny_cfg)).build()
+    dense = Architecture.for_data(tiny_cfg.model, _to_dense_init(tiny_cfg).info).build()
     shrunk = read_architecture(study_dir / "r2-filter" / "rapc" / "model")
     cpu = torch.device("cpu")
     inherited = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=False)
@@ -76,7 +81,7 @@ def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fre
 
 def test_rows_on_rapcs_architecture_keep_the_zeros_a_column_shrink_could_not_remove(study_dir: Path, tiny_cfg: Config, tmp_path: Path) -> None:
     out = shutil.copytree(study_dir, tmp_path / "copy")  # the dense models are reused, only the column rows train
-    options = StudyOptions(ratios=(2.0,), schemes=("column",), rows=("rapc", "scratch", "inherited"), n_autoattack=0,
+    options = StudyOptions(ratios=(2.0,), schemes=("column",), rows=("rapc", "scratch", "inherited"), n_ensemble=N_ENSEMBLE,
                            backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
     rows = _rows(study(tiny_cfg, out, options).out)
     assert rows["rapc"]["sparsity"] > 0.2
@@ -116,21 +121,54 @@ def test_study_rerun_reads_finished_rows_without_training(study_dir: Path, tiny_
     assert after["rows"] == before["rows"] and after["dense"] == before["dense"]
 
 
-def test_autoattack_is_measured_once_per_model_for_each_n(study_dir: Path, tiny_cfg: Config, tmp_path: Path, monkeypatch) -> None:
+def test_study_json_and_markdown_label_every_robust_figure_with_its_attack_and_n(study_dir: Path) -> None:
+    report = _report(study_dir)
+    n_test = report["n_test"]
+    assert report["judge"]["level"] == "final" and report["judge"]["n_ensemble"] == N_ENSEMBLE
+    text = (study_dir / "study.md").read_text()
+    for row in report["dense"] + report["rows"]:
+        attacks = {a["name"]: a for a in row["judge"]["attacks"]}
+        assert set(attacks) == {"clean", "fgsm", "pgd", "ensemble"}
+        assert attacks["pgd"]["label"].startswith("PGD-") and attacks["pgd"]["n"] == n_test
+        assert "APGD-CE + APGD-T" in attacks["ensemble"]["label"] and attacks["ensemble"]["n"] == N_ENSEMBLE
+        for attack in attacks.values():
+            assert 0 <= attack["stderr"] < 0.5
+        robust = row["judge"]["robust"]  # the headline figure: the ensemble, with its label, n and standard error
+        assert (robust["name"], robust["label"], robust["n"]) == ("ensemble", attacks["ensemble"]["label"], N_ENSEMBLE)
+        assert not {"robust", "autoattack"} & set(row)  # no figure without a label
+        assert f"{robust['accuracy']:.1%} ± {robust['stderr'] * 100:.1f}" in text
+    first = {a["name"]: a for a in report["dense"][0]["judge"]["attacks"]}
+    assert f"| {first['pgd']['label']}, n={n_test} |" in text
+    assert f"| {first['ensemble']['label']}, n={N_ENSEMBLE} |" in text
+    assert f"clean, n={n_test}" in text and "| PGD |" not in text
+
+
+def test_the_judge_runs_once_per_model_for_each_protocol_and_again_on_a_row_from_before_it(
+        study_dir: Path, tiny_cfg: Config, tmp_path: Path, monkeypatch) -> None:
     out = shutil.copytree(study_dir, tmp_path / "copy")
     calls = []
+    real = judged
 
-    def counted(model_dir, cfg, data, device, reporter, title):  # the attack itself is tested in tests/bench
+    def counted(model_dir, cfg, data, protocol, device, reporter, title):
         calls.append(title)
-        return {"n": len(data.labels), "accuracy": 0.5, "broken_by": {}}
+        return real(model_dir, cfg, data, protocol, device, reporter, title)
 
-    monkeypatch.setattr("rapc.study.run.autoattack_accuracy", counted)
-    options = StudyOptions(ratios=(2.0,), schemes=("filter",), n_autoattack=3, backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
+    monkeypatch.setattr("rapc.study.run.judged", counted)
+    study(tiny_cfg, out, OPTIONS)
+    assert calls == []  # cached with the row for this protocol
+    options = StudyOptions(ratios=(2.0,), schemes=("filter",), n_ensemble=3, backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
     study(tiny_cfg, out, options)
     assert sorted(calls) == sorted(["dense-natural", "dense-robust", *(f"r2-filter/{n}" for n in DEFAULT_ROWS)])
     study(tiny_cfg, out, options)
-    assert len(calls) == 7  # cached with the row for n = 3
-    assert json.loads((out / "r2-filter" / "rapc" / "row.json").read_text())["autoattack"]["n"] == 3
+    assert len(calls) == 7
+    row_file = out / "r2-filter" / "rapc" / "row.json"
+    assert json.loads(row_file.read_text())["judge"]["robust"]["n"] == 3
+    # a row.json written before the judge: unlabelled clean/robust/autoattack figures, judged again, not misread
+    old = {k: v for k, v in json.loads(row_file.read_text()).items() if k not in ("judge", "judged_with")}
+    row_file.write_text(json.dumps(old | {"clean": 0.9, "robust": 0.8, "autoattack": {"n": 3, "accuracy": 0.7}}))
+    rows = _rows(study(tiny_cfg, out, options).out)
+    assert calls[7:] == ["r2-filter/rapc"]
+    assert "judge" in rows["rapc"] and not {"clean", "robust", "autoattack"} & set(rows["rapc"])
 
 
 def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path, tiny_cfg: Config) -> None:
@@ -145,7 +183,7 @@ def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path,
     ({"schemes": ("bogus",)}, "pruning.scheme"),
     ({"rows": ("rapc", "nope")}, "unknown study row 'nope'"),
     ({"batch_sizes": (0,)}, "at least 1"),
-    ({"n_autoattack": -1}, "n-autoattack"),
+    ({"n_ensemble": 0}, "n-ensemble"),
     ({"backends": ("warp-drive",)}, "unknown bench backend"),
 ])
 def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Path, changes: dict, message: str) -> None:
@@ -156,10 +194,11 @@ def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Pat
 
 def test_study_command_prints_the_table_of_a_finished_study(study_dir: Path) -> None:
     args = ["study", "-c", "digits-lenet-filter", "--ratios", "2", "--schemes", "filter", "--out", str(study_dir),
-            "--n-autoattack", "0", "--backends", "ort-cpu", "--batch-sizes", "1"]
+            "--n-ensemble", str(N_ENSEMBLE), "--backends", "ort-cpu", "--batch-sizes", "1"]
     result = CliRunner().invoke(main, args + [arg for kv in TINY for arg in ("--set", kv)])
     assert result.exit_code == 0, result.output
     assert "inherited" in result.output and "finetune-standard" in result.output and "study.md" in result.output
+    assert "APGD-CE" in result.output and "± " in result.output
 
 
 def test_study_command_reports_a_bad_ratio_in_one_line(tmp_path: Path) -> None:
@@ -175,7 +214,7 @@ def test_study_row_without_its_result_file_is_remeasured_from_its_checkpoints(st
     before = _rows(study_dir)["scratch"]
     (study_dir / "r2-filter" / "scratch" / "row.json").unlink()  # as if killed after training, before writing it
     monkeypatch.setattr("rapc.study.rows.compress", fail)
-    monkeypatch.setattr("rapc.pipeline.compress.train_epoch", fail)
+    monkeypatch.setattr("rapc.pipeline.trainer.train_epoch", fail)
     after = _rows(study(tiny_cfg, study_dir, OPTIONS).out)["scratch"]
     assert (after["params"], after["epochs"], after["train_seconds"]) == (before["params"], before["epochs"], before["train_seconds"])
     assert (study_dir / "r2-filter" / "scratch" / "row.json").is_file()

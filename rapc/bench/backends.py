@@ -1,24 +1,22 @@
-"""Inference backends with one interface, so latency is measured the same way on each.
+"""Bench backends: the named ways rapc bench can run an artifact, each opening one runner.
 
-A backend is built from an ``Artifact`` (the PyTorch model and the files exported from
-it), ``prepare``s a batch once, then ``run``s it. Input transfer is outside ``run``:
-inputs live where the backend computes (host memory for CPU runtimes, device memory
-for GPU ones), so ``run`` times compute; ``transfer`` times the host-to-device copy
-that a served request adds. A backend that cannot run here says why (``skip_reason``)
-and is listed as skipped, never dropped.
+A backend is a registry entry (``BACKENDS``) that says what of an ``Artifact`` it runs (the
+PyTorch model, the ONNX file or the TensorRT engine), why it cannot run here if it cannot
+(``skip_reason``: listed as skipped, never dropped), and ``open``s a runner for it; timing
+then goes through the runner interface of ``rapc.export.runners``, the same one export's
+fidelity check uses.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
+from rapc.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from rapc.registry import Registry
 
 
@@ -34,26 +32,16 @@ class Artifact:
 
 
 class Backend:
-    device: ClassVar[str] = "cpu"
     runs: ClassVar[str]  # what of the artifact it runs: "model" (PyTorch), "onnx" or "engine"
-
-    def __init__(self, artifact: Artifact) -> None:
-        self.artifact = artifact
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
         """Why this backend cannot run ``artifact`` here, or None."""
         return None
 
-    def prepare(self, batch: int) -> None:
+    @classmethod
+    def open(cls, artifact: Artifact) -> Runner:
         raise NotImplementedError
-
-    def run(self) -> None:
-        """One inference of the prepared batch, finished when it returns (GPU backends synchronize)."""
-        raise NotImplementedError
-
-    def transfer(self) -> None:
-        """Copy the prepared batch from pinned host memory to the device (no-op on CPU)."""
 
 
 BACKENDS: Registry[type[Backend]] = Registry("bench backend")
@@ -65,35 +53,45 @@ def _no_cuda() -> str | None:
 
 class _Torch(Backend):
     runs = "model"
+    device: ClassVar[str] = "cpu"
+    runner: ClassVar[type[TorchRunner]] = TorchRunner
 
     @classmethod
     def skip_reason(cls, artifact: Artifact) -> str | None:
+        if cls.device == "cuda" and (reason := _no_cuda()):
+            return reason
         return None if artifact.model is not None else "an ONNX-only precision variant (no PyTorch model)"
 
-    def __init__(self, artifact: Artifact) -> None:
-        super().__init__(artifact)
-        # A GPU backend gets its own copy: moving the shared module would pull it from under the CPU backends.
-        model = artifact.model if self.device == "cpu" else copy.deepcopy(artifact.model)
-        self.module = model.eval().to(self.device)  # type: ignore[union-attr]
+    @classmethod
+    def open(cls, artifact: Artifact) -> Runner:
+        return cls.runner(artifact.model, f"{cls.__name__}:{artifact.name}", cls.device)  # type: ignore[arg-type]
+
+
+class CompiledRunner(TorchRunner):
+    """torch.compile (inductor), compiled once per prepared batch size, outside the timed region."""
 
     def _forward(self):
-        return self.module
+        compiled = torch.compile(self.model, dynamic=False)
+        with torch.inference_mode():
+            compiled(self.input)
+        return compiled
 
-    def prepare(self, batch: int) -> None:
-        self.host = torch.rand(batch, *self.artifact.input_shape).pin_memory() if self.device == "cuda" else torch.rand(batch, *self.artifact.input_shape)
-        self.input = self.host.to(self.device)
-        self.forward = self._forward()
 
-    @torch.inference_mode()
-    def run(self) -> None:
-        self.forward(self.input)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+class CudaGraphRunner(TorchRunner):
+    """The forward pass captured once in a CUDA graph and replayed: no per-kernel launch cost,
+    which dominates small batches on a GPU."""
 
-    def transfer(self) -> None:
-        if self.device == "cuda":
-            self.input.copy_(self.host, non_blocking=True)
-            torch.cuda.synchronize()
+    def _forward(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(3):
+                self.model(self.input)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self.model(self.input)
+        return lambda _: graph.replay()
 
 
 @BACKENDS.register("torch-eager")
@@ -103,51 +101,24 @@ class TorchEager(_Torch):
 
 @BACKENDS.register("torch-compiled")
 class TorchCompiled(_Torch):
-    """torch.compile (inductor), compiled once per batch size in ``prepare``."""
-
-    def _forward(self):
-        compiled = torch.compile(self.module, dynamic=False)
-        with torch.inference_mode():
-            compiled(self.input)  # compile outside the timed region
-        return compiled
-
-
-class _OnCuda:
-    """Mixed in first: runs on the GPU, and only where there is one."""
-
-    device = "cuda"
-
-    @classmethod
-    def skip_reason(cls, artifact: Artifact) -> str | None:
-        return _no_cuda() or super().skip_reason(artifact)  # type: ignore[misc]
+    runner = CompiledRunner
 
 
 @BACKENDS.register("torch-eager-cuda")
-class TorchEagerCuda(_OnCuda, _Torch):
-    pass
+class TorchEagerCuda(_Torch):
+    device = "cuda"
 
 
 @BACKENDS.register("torch-compiled-cuda")
-class TorchCompiledCuda(_OnCuda, TorchCompiled):
-    pass
+class TorchCompiledCuda(_Torch):
+    device = "cuda"
+    runner = CompiledRunner
 
 
 @BACKENDS.register("torch-cudagraphs")
-class TorchCudaGraphs(_OnCuda, _Torch):
-    """The forward pass captured once in a CUDA graph and replayed: no per-kernel launch cost,
-    which dominates small batches on a GPU."""
-
-    def _forward(self):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(3):
-                self.module(self.input)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            self.module(self.input)
-        return lambda _: graph.replay()
+class TorchCudaGraphs(_Torch):
+    device = "cuda"
+    runner = CudaGraphRunner
 
 
 class _OnnxRuntime(Backend):
@@ -164,22 +135,10 @@ class _OnnxRuntime(Backend):
             return f"onnxruntime has no {cls.provider} (pip install 'rapc[gpu]' for onnxruntime-gpu)"
         return None
 
-    def __init__(self, artifact: Artifact) -> None:
-        super().__init__(artifact)
-        import onnxruntime as ort
-
-        from rapc.export.runners import OnnxRuntimeRunner
-
-        self.ort = ort
+    @classmethod
+    def open(cls, artifact: Artifact) -> Runner:
         # the same pinned thread count as PyTorch, so CPU figures compare like with like
-        runner = OnnxRuntimeRunner(artifact.onnx, (self.provider,), threads=torch.get_num_threads())  # type: ignore[arg-type]
-        self.session, self.input_name = runner.session, runner.input
-
-    def prepare(self, batch: int) -> None:
-        self.host = np.random.rand(batch, *self.artifact.input_shape).astype(np.float32)
-
-    def run(self) -> None:
-        self.session.run(None, {self.input_name: self.host})
+        return OnnxRuntimeRunner(artifact.onnx, (cls.provider,), threads=torch.get_num_threads())  # type: ignore[arg-type]
 
 
 @BACKENDS.register("ort-cpu")
@@ -189,33 +148,16 @@ class OrtCpu(_OnnxRuntime):
 
 @BACKENDS.register("ort-cuda")
 class OrtCuda(_OnnxRuntime):
-    """Inputs and outputs bound on the GPU (io_binding), so ``run`` times compute, not copies."""
-
     provider = "CUDAExecutionProvider"
-    device = "cuda"
-
-    def prepare(self, batch: int) -> None:
-        super().prepare(batch)
-        self.device_input = self.ort.OrtValue.ortvalue_from_numpy(self.host, "cuda", 0)
-        self.binding = self.session.io_binding()
-        self.binding.bind_ortvalue_input(self.input_name, self.device_input)
-        self.binding.bind_output(self.session.get_outputs()[0].name, "cuda")
-
-    def run(self) -> None:
-        self.session.run_with_iobinding(self.binding)
-
-    def transfer(self) -> None:
-        self.device_input.update_inplace(self.host)
 
 
 @BACKENDS.register("ort-trt")
-class OrtTensorRT(OrtCuda):
+class OrtTensorRT(_OnnxRuntime):
     provider = "TensorrtExecutionProvider"
 
 
 @BACKENDS.register("tensorrt")
 class TensorRT(Backend):
-    device = "cuda"
     runs = "engine"
 
     @classmethod
@@ -226,19 +168,8 @@ class TensorRT(Backend):
             return "no TensorRT engine (run `rapc export --trt` first)"
         return cannot_run_engines()
 
-    def __init__(self, artifact: Artifact) -> None:
-        super().__init__(artifact)
+    @classmethod
+    def open(cls, artifact: Artifact) -> Runner:
         from rapc.export.tensorrt import TensorRTRunner
 
-        self.runner = TensorRTRunner(artifact.engine)  # type: ignore[arg-type]
-
-    def prepare(self, batch: int) -> None:
-        self.host = torch.rand(batch, *self.artifact.input_shape).pin_memory()
-        self.input = self.host.cuda()
-
-    def run(self) -> None:
-        self.runner.infer_torch(self.input)
-
-    def transfer(self) -> None:
-        self.input.copy_(self.host, non_blocking=True)
-        torch.cuda.synchronize()
+        return TensorRTRunner(artifact.engine)  # type: ignore[arg-type]

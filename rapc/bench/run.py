@@ -25,17 +25,18 @@ import torch
 from rapc.bench.backends import BACKENDS, Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
 from rapc.bench.report import skipped_lines, write_report
-from rapc.bench.robustness import AttackPlan, Robustness, evaluate_robustness, replay
+from rapc.bench.robustness import bench_protocol, replay
 from rapc.data import load_data
+from rapc.device import resolve_device
 from rapc.errors import RapcError
-from rapc.export.artifacts import check_set, run_config
+from rapc.export.artifacts import check_set
 from rapc.export.runners import OnnxRuntimeRunner, Runner
 from rapc.export.tensorrt import TensorRTRunner, cannot_run_engines
 from rapc.modelio import WEIGHTS, load_model, read_architecture
-from rapc.pipeline.compress import resolve_device
-from rapc.pipeline.measure import compare_layers, layer_stats, summary
+from rapc.measure import compare_layers, layer_stats, summary
+from rapc.judge import Protocol, Verdict, judge
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import atomic_write, writable_dir
+from rapc.rundir import atomic_write, open_run, writable_dir
 
 MODELS = {"dense": "dense", "compressed": "model"}  # artifact name -> directory in the run (and ONNX stem)
 
@@ -44,10 +45,10 @@ MODELS = {"dense": "dense", "compressed": "model"}  # artifact name -> directory
 class BenchOptions:
     backends: tuple[str, ...] = tuple(BACKENDS)
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
-    attacks: str = "quick"
+    attacks: str = "quick"  # quick: clean, FGSM, PGD, ensemble (APGD-CE + APGD-T); full: also FAB-T and Square
     n_eval: int = 1000
-    n_autoattack: int | None = None
-    pgd: tuple[int, int] | None = None
+    n_ensemble: int | None = None  # the ensemble (and FAB-T, Square) on the first n evaluation images; None: all
+    pgd: tuple[int, int] | None = None  # (steps, restarts) of the judge's PGD; None: the run's attack.eval
     timing: TimingPolicy = field(default_factory=TimingPolicy)
 
     def __post_init__(self) -> None:
@@ -136,7 +137,7 @@ def _replay_targets(exported: list[Exported]) -> dict[str, ReplayTarget]:
     return targets
 
 
-def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Robustness], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
+def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Verdict], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
     """Each target's accuracy on the adversarial images crafted on its PyTorch model."""
     results: dict[str, dict] = {}
     for key, (item, runner, note) in targets.items():
@@ -150,16 +151,16 @@ def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Robustness]
     return results
 
 
-def _attack_key(plan: AttackPlan, n_eval: int, weights: Path) -> str:
-    """What the attack results depend on: the plan, the images and the exact weights."""
+def _attack_key(protocol: Protocol, n_eval: int, weights: Path) -> str:
+    """What the attack results depend on: the judge's protocol, the images and the exact weights."""
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return json.dumps({"plan": asdict(plan), "n_eval": n_eval, "weights": digest}, sort_keys=True)
+    return json.dumps({"judge": asdict(protocol), "n_eval": n_eval, "weights": digest}, sort_keys=True)
 
 
-def _robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: AttackPlan, n_classes: int,
-                device: torch.device, cache: Path, key: str, reporter: Reporter, title: str) -> Robustness:
-    """The attacks on one model, or their saved results from an earlier bench with the same key:
-    AutoAttack takes long on a CPU, and a later failure or Ctrl-C must not cost it again."""
+def _robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, n_classes: int,
+                device: torch.device, cache: Path, key: str, reporter: Reporter, title: str) -> Verdict:
+    """The judge's verdict on one model, or its saved result from an earlier bench with the same key:
+    the ensemble takes long on a CPU, and a later failure or Ctrl-C must not cost it again."""
     if cache.is_file():
         try:
             state = torch.load(cache, map_location="cpu", weights_only=True)
@@ -167,9 +168,9 @@ def _robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
             state = {}
         if state.get("key") == key:
             reporter.log(f"{title}: attack results reused from {cache}")
-            return Robustness.from_state_dict(state)
+            return Verdict.from_state_dict(state)
     on_device = copy.deepcopy(model).to(device)  # the CPU latency backends keep the original
-    result = evaluate_robustness(on_device, images.to(device), labels.to(device), plan, n_classes, reporter, title)
+    result = judge(on_device, images.to(device), labels.to(device), protocol, n_classes, reporter, title)
     cache.parent.mkdir(exist_ok=True)
     atomic_write(cache, lambda tmp: torch.save({"key": key, **result.state_dict()}, tmp))
     return result
@@ -186,7 +187,7 @@ def _artifacts(models: dict[str, torch.nn.Module], exported: list[Exported], inp
     return artifacts
 
 
-def _robust_accuracy(latency: Latency, robustness: dict[str, Robustness], replays: dict[str, dict], artifacts: dict[str, Artifact]) -> float | None:
+def _robust_accuracy(latency: Latency, robustness: dict[str, Verdict], replays: dict[str, dict], artifacts: dict[str, Artifact]) -> float | None:
     """The worst-case robust accuracy of what this backend ran: PyTorch's, or the replay on its file."""
     runs = BACKENDS.get(latency.backend).runs
     if runs == "model":
@@ -220,20 +221,21 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
               reporter: Reporter | None = None) -> dict[str, Any]:
     """Measure the run; write bench.json, report.md and the plots to ``out`` (default RUN/bench)."""
     reporter = reporter or SilentReporter()
-    run = Path(run)
-    cfg = run_config(run)
+    paths = open_run(run)
+    cfg = paths.config()
+    run = paths.root
     for directory in MODELS.values():
         if not (run / directory / WEIGHTS).is_file():
             raise RapcError(f"{run / directory} holds no saved model; finish `rapc compress --out {run}` first")
-    out = writable_dir(out or run / "bench")
+    out = writable_dir(out or paths.bench)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, cfg.seed)
     images, labels = check_set(splits, options.n_eval)
-    input_shape = tuple(read_architecture(run / "model").input_shape)
+    input_shape = tuple(read_architecture(paths.model).input_shape)
     models = {name: load_model(run / directory).eval() for name, directory in MODELS.items()}
     example = images[:2]
 
-    exported = exported_files(run / "export")
+    exported = exported_files(paths.export)
     if not exported:
         reporter.log(f"note: no exported files; run `rapc export {run} --dense` to bench ONNX Runtime and TensorRT too")
     targets = _replay_targets(exported)
@@ -243,11 +245,10 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
         reasons = "; ".join(skipped_lines(skipped))
         raise RapcError(f"none of the requested backends can run here: {reasons}; choose others with --backends")
 
-    plan = AttackPlan(eps=cfg.attack.eval.eps, level=options.attacks, pgd=options.pgd,
-                      n_autoattack=options.n_autoattack, seed=cfg.seed)
+    protocol = bench_protocol(cfg.attack.eval, options.attacks, options.pgd, options.n_ensemble, cfg.seed)
     robustness = {
-        name: _robustness(model, images, labels, plan, splits.info.num_classes, device, out / "attacks" / f"{name}.pt",
-                          _attack_key(plan, len(labels), run / MODELS[name] / WEIGHTS), reporter, name)
+        name: _robustness(model, images, labels, protocol, splits.info.num_classes, device, out / "attacks" / f"{name}.pt",
+                          _attack_key(protocol, len(labels), run / MODELS[name] / WEIGHTS), reporter, name)
         for name, model in models.items()
     }
     replays = _replays(targets, robustness, labels, reporter)
@@ -266,16 +267,16 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
         "run": str(run), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "data": cfg.data.name, "model": {"name": cfg.model.name, "width": cfg.model.width},
         "pruning": {"scheme": cfg.pruning.scheme, "ratio": cfg.pruning.ratio},
-        "plan": asdict(plan), "n_eval": len(labels), "models": figures,
-        "robustness": {name: {"attacks": [a.summary() for a in r.results], "worst_case": r.worst_case(),
-                              "zero_gradients": r.zero_gradients, "warnings": r.warnings}
-                       for name, r in robustness.items()},
+        "judge": asdict(protocol), "n_eval": len(labels), "models": figures,
+        "robustness": {name: r.to_dict() for name, r in robustness.items()},
+        "worst_case_label": robustness["dense"].worst_case_label(),
         "replay": replays,
         "exported": [{"artifact": e.artifact, "onnx": e.onnx.name, "bytes": e.onnx.stat().st_size,
                       "engine": e.engine.name if e.engine else None, "engine_note": e.engine_note} for e in exported],
         "timing": asdict(options.timing),
         "latency": [l.as_dict() | {"noisy": l.cv > options.timing.cv_warning,
-                                   "robust_accuracy": _robust_accuracy(l, robustness, replays, by_artifact)} for l in latencies],
+                                   "robust_accuracy": _robust_accuracy(l, robustness, replays, by_artifact),
+                                   "robust_attack": robustness[l.artifact.split(".")[0]].worst_case_label()} for l in latencies],
         "speedup": speedups(latencies, figures, source),
         "skipped": skipped,
         "layers": compare_layers(layer_stats(models["dense"], example), layer_stats(models["compressed"], example)),

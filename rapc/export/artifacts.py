@@ -8,25 +8,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rapc.attacks import perturb
-from rapc.config import Config, load_config
+from rapc.config import Config
 from rapc.data import Splits, head, load_data, loader
 from rapc.errors import RapcError
 from rapc.export.fidelity import Agreement, compare
 from rapc.export.onnx import export_onnx
 from rapc.export.precision import make_variant
-from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, choose_backend, gpu_present
+from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, check_can_build, gpu_present
 from rapc.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from rapc.judge import Protocol, judge, selection_protocol
 from rapc.modelio import load_model, read_architecture
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import atomic_write, writable_dir
+from rapc.rundir import atomic_write, open_run, writable_dir
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference; float32 re-association stays orders of magnitude below
 
@@ -36,20 +36,15 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file name
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # by engine file name
+    attack: dict[str, Any] = field(default_factory=dict)  # the judge's PGD that crafted the adversarial inputs: label, n, protocol
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    backend: str = "auto"  # auto (--trt), tensorrt, tensorrt-rtx (--trt-rtx)
+    backend: str = "tensorrt"  # tensorrt (--trt) or tensorrt-rtx (--trt-rtx); never one for the other
     max_batch: int = 256
     sparse: bool = False
     target: str | None = None  # TensorRT-RTX compute capability
-
-
-def run_config(run: Path) -> Config:
-    if not (run / "config.yaml").is_file():
-        raise RapcError(f"{run} is not a run directory (no config.yaml); make one with `rapc compress --out {run}`")
-    return load_config(str(run / "config.yaml"))
 
 
 def check_set(splits: Splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +53,17 @@ def check_set(splits: Splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
-def adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """PGD examples crafted on the PyTorch model with the run's evaluation attack (float32, eval mode)."""
-    torch.manual_seed(cfg.seed)
-    return torch.cat([
-        perturb(model.eval(), x, y, cfg.attack.eval, keep_fooled=True)
-        for x, y in zip(images.split(512), labels.split(512))
-    ])
+def check_protocol(cfg: Config) -> Protocol:
+    """The judge's PGD for the run's ``attack.eval`` (its selection level: clean and PGD), the PGD
+    that compress, bench and study name with the same label."""
+    return selection_protocol(cfg.attack.eval, seed=cfg.seed)
+
+
+def adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The judge's PGD examples crafted on the PyTorch model (float32, eval mode): per image the one
+    that fooled it, else the last restart's; and the attack's label and n for the report."""
+    pgd = judge(model, images, labels, protocol)["pgd"]
+    return pgd.images, {"name": pgd.name, "label": pgd.label, "n": pgd.n}
 
 
 def calibration_set(splits: Splits, n: int) -> np.ndarray:
@@ -94,26 +93,29 @@ def export_run(
 
     fp32 is compared with PyTorch and must match to FP32_TOLERANCE. Lower precisions are
     compared with the fp32 file: their top-1 agreement and accuracy on the same clean and
-    PGD inputs are reported, so a user sees whether quantization changed robustness.
+    PGD inputs (the judge's PGD, named by its label in fidelity.json) are reported, so a user sees whether quantization changed robustness.
     With ``engines``, every ONNX file is then built into a TensorRT engine; the ONNX files
     and their fidelity report are written first, so they survive a missing TensorRT.
     Files go to ``out`` (default RUN/export).
     """
     reporter = reporter or SilentReporter()
-    run = Path(run)
-    cfg = run_config(run)
-    out = writable_dir(out or run / "export")
+    paths = open_run(run)
+    cfg = paths.config()
+    out = writable_dir(out or paths.export)
     splits = load_data(cfg.data, cfg.seed)
     images, labels = check_set(splits, n_check)
     calibration = calibration_set(splits, n_calibration) if "int8" in precisions else np.empty(0)
-    targets = {"model": run / "model"} | ({"dense": run / "dense"} if dense else {})
+    targets = {"model": paths.model} | ({"dense": paths.dense} if dense else {})
+    protocol = check_protocol(cfg)
     result = ExportResult()
     attacked_by_model: dict[str, torch.Tensor] = {}
     for name, directory in targets.items():
         model = load_model(directory)
         reporter.log(f"{name}: exporting to ONNX")
         fp32 = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
-        attacked = attacked_by_model[name] = adversarial(model, images, labels, cfg)
+        attacked, attack = adversarial(model, images, labels, protocol)
+        attacked_by_model[name] = attacked
+        result.attack = attack | {"protocol": asdict(protocol), "config": cfg.attack.eval.model_dump()}
         fp32_runner = OnnxRuntimeRunner(fp32)
         for precision in ("fp32", *(p for p in precisions if p != "fp32")):
             path = make_variant(fp32, precision, calibration)
@@ -127,22 +129,22 @@ def export_run(
             result.fidelity[path.name] = entry | {k: v.as_dict() for k, v in checks.items()}
             result.files.append(path)
             reporter.log(
-                f"{path.name}: vs {reference.name.split(':')[0]} on {len(images)} clean + {len(images)} PGD images: "
+                f"{path.name}: vs {reference.name.split(':')[0]} on {len(images)} clean + {attack['n']} {attack['label']} images: "
                 f"max abs diff {worst:.2e}, top-1 agreement {checks['clean'].top1_agreement:.2%} / "
                 f"{checks['adversarial'].top1_agreement:.2%}, accuracy {checks['clean'].accuracy:.2%} / {checks['adversarial'].accuracy:.2%}"
             )
-    write_report(out, cfg, result)
+    write_report(out, result)
     failed = [n for n, f in result.fidelity.items() if f.get("passed") is False]
     if failed:
         raise RapcError(f"fidelity check failed for {', '.join(failed)}: onnxruntime differs from PyTorch by more than {FP32_TOLERANCE:g} (see {out / 'fidelity.json'})")
     if engines is not None:
         build_engines(result, engines, images, attacked_by_model, labels, reporter)
-        write_report(out, cfg, result)
+        write_report(out, result)
     return result
 
 
-def write_report(out: Path, cfg: Config, result: ExportResult) -> None:
-    report = {"attack": cfg.attack.eval.model_dump(), "artifacts": result.fidelity, "engines": result.engines}
+def write_report(out: Path, result: ExportResult) -> None:
+    report = {"attack": result.attack, "artifacts": result.fidelity, "engines": result.engines}
     atomic_write(out / "fidelity.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
 
 
@@ -151,9 +153,8 @@ def build_engines(
     labels: torch.Tensor, reporter: Reporter,
 ) -> None:
     """Build an engine from every ONNX file; run it against that file where the engine can run here."""
-    backend, note = choose_backend(options.backend)
-    if note:
-        reporter.log(f"note: {note}")
+    backend = options.backend
+    check_can_build(backend)
     runnable = backend == "tensorrt" and gpu_present()
     for path in result.files:
         info = result.fidelity[path.name]

@@ -20,10 +20,13 @@ import numpy as np
 
 from rapc.errors import RapcError
 from rapc.export.onnx import INPUT
+from rapc.export.runners import Runner
 from rapc.rundir import atomic_write
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL = {"tensorrt": "pip install 'rapc[gpu]'", "tensorrt-rtx": "pip install tensorrt-rtx"}
+NOT_INSTALLED = f"TensorRT is not installed ({INSTALL['tensorrt']})"
+RTX_TARGETS = ("SM75", "SM80", "SM86", "SM89", "SM120")  # compute capabilities TensorRT-RTX builds for (no Hopper)
 DEFAULT_RTX_TARGET = "SM86"
 WORKSPACE_BYTES = 1 << 30
 
@@ -79,31 +82,36 @@ def cannot_run_engines() -> str | None:
     try:
         load_backend("tensorrt")
     except RapcError:
-        return "TensorRT is not installed (pip install 'rapc[gpu]')"
+        return NOT_INSTALLED
     return None
 
 
-def choose_backend(requested: str) -> tuple[str, str | None]:
-    """'auto' (``--trt``): TensorRT when importable and a CUDA GPU is present, else TensorRT for RTX
-    (builds without a GPU) when installed. Returns the backend and a note on any fallback."""
-    if requested != "auto":
-        load_backend(requested)
-        return requested, None
+def check_can_build(backend: str) -> None:
+    """A RapcError, before any engine is built, when ``backend`` cannot build engines here.
+
+    TensorRT (``--trt``) needs its package and a CUDA GPU; TensorRT-RTX (``--trt-rtx``) only its
+    package. Asking for TensorRT never gets TensorRT-RTX engines instead: those run on RTX-class
+    GPUs, not on the datacenter GPU the user asked for, so the error names the other flag and
+    leaves the choice to the user.
+    """
+    if backend != "tensorrt":
+        load_backend(backend)
+        return
     missing = []
     try:
         load_backend("tensorrt")
     except RapcError:
-        missing.append("TensorRT is not installed (pip install 'rapc[gpu]')")
+        missing.append(NOT_INSTALLED)
     if not gpu_present():
         missing.append("no CUDA GPU is present")
-    if not missing:
-        return "tensorrt", None
-    reason = " and ".join(missing)
-    try:
-        load_backend("tensorrt-rtx")
-    except RapcError:
-        raise RapcError(f"cannot build a TensorRT engine: {reason}; the ONNX files are written") from None
-    return "tensorrt-rtx", f"{reason}; building TensorRT-RTX engines for {DEFAULT_RTX_TARGET} instead"
+    if missing:
+        try:
+            load_backend("tensorrt-rtx")
+            rtx = ""
+        except RapcError:
+            rtx = f" once installed ({INSTALL['tensorrt-rtx']})"
+        raise RapcError(f"cannot build a TensorRT engine: {' and '.join(missing)}; the ONNX files are written. "
+                        f"--trt-rtx builds TensorRT-RTX engines (for RTX GPUs) without a GPU{rtx}")
 
 
 def _collecting_logger(trt: ModuleType):
@@ -175,8 +183,10 @@ def build_engine(spec: EngineSpec) -> BuiltEngine:
     return BuiltEngine(spec.engine, spec.backend, trt.__version__, seconds, serialized.nbytes)
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """Runs a serialized engine on the current CUDA device (torch tensors for the buffers)."""
+
+    device = "cuda"
 
     def __init__(self, engine: Path, backend: str = "tensorrt") -> None:
         import torch
@@ -210,3 +220,14 @@ class TensorRTRunner:
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         return self.infer_torch(self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()).cpu().numpy()
+
+    def prepare(self, images: np.ndarray) -> None:
+        self.host = self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).pin_memory()
+        self.staged = self.host.cuda()
+
+    def run(self) -> None:
+        self.infer_torch(self.staged)
+
+    def transfer(self) -> None:
+        self.staged.copy_(self.host, non_blocking=True)
+        self.torch.cuda.synchronize()

@@ -15,8 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from rapc.errors import RapcError
-
-PRUNABLE = (nn.Conv2d, nn.Linear)
+from rapc.graph import PRUNABLE
 
 
 @dataclass(frozen=True)
@@ -51,23 +50,6 @@ class ChannelGroup:
     producers: tuple[Slot, ...]  # conv/linear weights, dim 0
     consumers: tuple[Slot, ...]  # conv/linear weights, dim 1
     attached: tuple[Slot, ...]  # biases and BatchNorm affine parameters, dim 0
-
-    @property
-    def producer_layers(self) -> set[str]:
-        return {s.layer for s in self.producers}
-
-    @property
-    def consumer_layers(self) -> set[str]:
-        return {s.layer for s in self.consumers}
-
-
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """Trace the model; torch-pruning needs autograd on and leaves the model in eval mode, so restore it."""
-    was_training = model.training
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    model.train(was_training)
-    return graph
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:

@@ -189,17 +189,6 @@ def set_epoch(data: DataLoader, stage: str, epoch: int) -> None:
         data.sampler.set_epoch(zlib.crc32(stage.encode()) % 100_000 * 1_000 + epoch)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and torch.compile wrappers: its parameter names are ``conv1.weight``."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
 @contextmanager
 def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) for the duration; leave it after.

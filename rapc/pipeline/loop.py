@@ -33,6 +33,19 @@ class Hooks:  # frozen: the shared default Hooks() cannot be changed by a caller
     after_step: Callable[[], None] | None = None  # e.g. re-apply masks, step-wise ADMM updates
 
 
+@dataclass(frozen=True)
+class Step:
+    """One optimisation step as a stage takes it: where its inputs come from (the attack, none for
+    clean epochs), what updates the weights, in which precision, and the stage's hooks."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    attack: AttackConfig | None = None
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    hooks: Hooks = Hooks()
+
+
 class NonFinite(RapcError):
     """Training produced a NaN or infinite loss or weight: the stage stops without checkpointing it."""
 
@@ -123,14 +136,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_p
 def train_epoch(
     model: nn.Module,
     data: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
+    step: Step,
     *,
-    attack: AttackConfig | None,
-    device: torch.device,
-    precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-    hooks: Hooks = Hooks(),
     reporter: Reporter = SilentReporter(),
     totals: EpochTotals | None = None,
     save_points: SavePoints | None = None,
@@ -144,7 +151,9 @@ def train_epoch(
     torchrun); the live figures stay this process's own.
     """
     model.train()
-    dtype = AUTOCAST[precision]
+    device = next(model.parameters()).device
+    attack, hooks, optimizer, scaler = step.attack, step.hooks, step.optimizer, step.scaler
+    dtype = AUTOCAST[step.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     totals = totals or EpochTotals.zeros(device)
     # Read the running figures back about ten times an epoch (every 20 steps for unsized data).
@@ -168,7 +177,7 @@ def train_epoch(
             scaler.update()
         else:
             optimizer.step()
-        schedule.step()
+        step.schedule.step()
         if hooks.after_step is not None:
             hooks.after_step()
         totals.add(loss, logits, y)

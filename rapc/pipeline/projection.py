@@ -1,8 +1,10 @@
 """Which layers are pruned, by which scheme, and the masks of their projection.
 
 One ``Projector`` is built from the dense model and the pruning config; ADMM's
-Z-update calls it on W + U and the hard prune on W. Filter and channel layers
-are projected per coupling group (see coupling.py); the other schemes per layer.
+Z-update calls it on W + U and the hard prune on W. Layers whose scheme keeps
+whole channels (registered with ``channels``: filter, channel) are projected per
+coupling group (see coupling.py); the other schemes per layer. What a scheme is
+comes from its registration in schemes.py, never from its name.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from typing import Any
 
 import torch
 from torch import nn
 
 from rapc.config import PruningConfig
-from rapc.pipeline.coupling import PRUNABLE, ChannelGroup, Slot, build_graph, channel_groups, check_supported, output_layers
-from rapc.pipeline.schemes import SCHEMES, top_mask
+from rapc.errors import RapcError
+from rapc.graph import PRUNABLE, build_graph
+from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, check_supported, output_layers
+from rapc.pipeline.schemes import SCHEMES, Unfit, top_mask
 
 Masks = dict[str, torch.Tensor]
 
@@ -27,8 +32,36 @@ class LayerPlan:
     ratio: float
 
 
+def check_schemes(cfg: PruningConfig, source: str = "") -> None:
+    """Every scheme the config names is registered, or a RapcError naming the key and the known schemes.
+
+    The config holds scheme names as plain strings: config.py is a core module and cannot read the
+    registry, which is filled where the mask functions live, here in the pipeline. So the names are
+    checked at the edge, before any work: by `rapc compress`, by the study's cells and by the projector.
+    """
+    named = [("pruning.scheme", cfg.scheme)]
+    named += [(f"pruning.layers.{i}.scheme", rule.scheme) for i, rule in enumerate(cfg.layers) if rule.scheme is not None]
+    for key, name in named:
+        try:
+            SCHEMES.get(name)
+        except RapcError as exc:
+            raise RapcError(f"{source + ': ' if source else ''}{key}: {exc}") from None
+
+
+def channels(scheme: str) -> str | None:
+    """``"out"`` or ``"in"`` for a scheme that keeps whole output or input channels (ranked per coupling group), else None."""
+    return SCHEMES.info(scheme).get("channels")
+
+
+def scheme_options(scheme: str, cfg: PruningConfig) -> dict[str, Any]:
+    """The mask function's keyword arguments taken from the config (nm: n and m), as registered."""
+    options = SCHEMES.info(scheme).get("options")
+    return options(cfg) if options else {}
+
+
 def layer_plans(model: nn.Module, cfg: PruningConfig) -> dict[str, LayerPlan]:
     """Scheme and ratio per prunable layer: the default, then every matching rule in order; keep_dense wins."""
+    check_schemes(cfg)
     plans = {}
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE) or any(fnmatch(name, p) for p in cfg.keep_dense):
@@ -83,35 +116,38 @@ class Projector:
         self.units: list[GroupUnit | LayerUnit] = []
         grouped: set[str] = set()
         for group in self.groups:
-            for scheme, slots in (("filter", group.producers), ("channel", group.consumers)):
-                members = tuple(s for s in slots if self._scheme(s.layer) == scheme)
+            for side, slots in (("out", group.producers), ("in", group.consumers)):
+                members = tuple(s for s in slots if self._channels(s.layer) == side)
                 if not members:
                     continue
                 layers = {s.layer for s in members}
                 whole = layers >= {s.layer for s in slots}
-                attached = tuple(a for a in group.attached if scheme == "filter" and (a.owner in layers or (a.owner is None and whole)))
+                attached = tuple(a for a in group.attached if side == "out" and (a.owner in layers or (a.owner is None and whole)))
                 ratio = min(self.plans[n].ratio for n in layers)
                 if round((1.0 - ratio) * group.size) < 1:
                     self.notes.append(f"{', '.join(sorted(layers))}: ratio {ratio:g} would prune all {group.size} channels; 1 is kept")
                 self.units.append(GroupUnit(group, members, attached, ratio))
-                grouped |= {f"{n}/{scheme}" for n in layers}
+                grouped |= {f"{n}/{side}" for n in layers}
         for name, plan in self.plans.items():
-            if plan.scheme in ("filter", "channel") and f"{name}/{plan.scheme}" in grouped:
+            side = channels(plan.scheme)
+            if side is not None and f"{name}/{side}" in grouped:
                 continue
-            weight = model.get_submodule(name).weight
-            if plan.scheme == "filter" and name in outputs:
+            if side == "out" and name in outputs:
                 self.notes.append(f"{name}: output layer, its filters are the classes; left dense")
-            elif plan.scheme == "nm" and weight.shape[1] % cfg.nm[1]:
-                self.notes.append(f"{name}: {weight.shape[1]} input channels, not a multiple of {cfg.nm[1]}; left dense")
-            else:
-                if plan.scheme == "channel":
-                    self.notes.append(f"{name}: input channels come from the network input; zeroed, not removable")
-                options = {"n": cfg.nm[0], "m": cfg.nm[1]} if plan.scheme == "nm" else {}
-                self.units.append(LayerUnit(f"{name}.weight", plan.scheme, plan.ratio, options))
+                continue
+            options = scheme_options(plan.scheme, cfg)
+            try:  # the scheme itself says whether this weight's shape fits it (nm: input channels a multiple of m)
+                SCHEMES.get(plan.scheme)(model.get_submodule(name).weight, plan.ratio, **options)
+            except Unfit as exc:
+                self.notes.append(f"{name}: {exc}; left dense")
+                continue
+            if side == "in":
+                self.notes.append(f"{name}: input channels come from the network input; zeroed, not removable")
+            self.units.append(LayerUnit(f"{name}.weight", plan.scheme, plan.ratio, options))
 
-    def _scheme(self, layer: str) -> str | None:
+    def _channels(self, layer: str) -> str | None:
         plan = self.plans.get(layer)
-        return plan.scheme if plan else None
+        return channels(plan.scheme) if plan else None
 
     @property
     def targets(self) -> list[str]:

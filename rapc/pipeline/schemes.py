@@ -5,18 +5,34 @@ weight is [out, in] and follows the same rules. ``ratio`` is the fraction of
 units pruned; at least one unit is always kept, so no layer is cut in two.
 Projecting onto the scheme's set is keeping the largest-norm units, which is
 what ADMM's Z-update needs: Z = W * project(W, ratio).
+
+A new scheme is one mask function and its registration; what the projector must know about
+it besides the function is given at registration (see SCHEMES), never tested by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from rapc.config import PruningConfig
 from rapc.registry import Registry
 
 Scheme = Callable[..., torch.Tensor]
 SCHEMES: Registry[Scheme] = Registry("pruning scheme")
+# Given at registration, read by the projector (projection.py):
+#   channels="out" | "in"  the scheme keeps whole output channels (filters) or whole input channels, by L2 norm.
+#                          The projector ranks them jointly over each coupling group, so the same channels go
+#                          from every coupled layer (and, for "out", the pruned filters' bias and BatchNorm):
+#                          every zero channel is removable. Without it a scheme is projected per layer.
+#   options=f              f(PruningConfig) -> the mask function's keyword arguments beyond (weight, ratio).
+
+
+class Unfit(ValueError):
+    """Raised by a mask function for a weight whose shape the scheme cannot take; the projector
+    leaves that layer dense and says why."""
 
 
 def n_keep(n: int, ratio: float) -> int:
@@ -47,13 +63,13 @@ def channel_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
 
 
-@SCHEMES.register("filter")
+@SCHEMES.register("filter", channels="out")
 def filter_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep whole filters: removable as output channels."""
     return _along(top_mask(filter_scores(weight), ratio), 0, weight)
 
 
-@SCHEMES.register("channel")
+@SCHEMES.register("channel", channels="in")
 def channel_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep whole input channels: removable as input channels."""
     return _along(top_mask(channel_scores(weight), ratio), 1, weight)
@@ -73,12 +89,16 @@ def irregular_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
     return top_mask(weight.detach().abs().flatten(), ratio).view_as(weight)
 
 
-@SCHEMES.register("nm")
+def _nm_options(cfg: PruningConfig) -> dict[str, Any]:
+    return {"n": cfg.nm[0], "m": cfg.nm[1]}
+
+
+@SCHEMES.register("nm", options=_nm_options)
 def nm_mask(weight: torch.Tensor, ratio: float = 0.5, n: int = 2, m: int = 4) -> torch.Tensor:
     """Keep the n largest of every m consecutive input channels at each (out, kh, kw): the
     layout of TensorRT's 2:4 sparse kernels. The ratio is implied by n:m and ignored."""
     if weight.shape[1] % m:
-        raise ValueError(f"nm: input dimension {weight.shape[1]} is not a multiple of {m}")
+        raise Unfit(f"{weight.shape[1]} input channels, not a multiple of {m}")
     moved = weight.detach().abs().movedim(1, -1)  # [out, kh, kw, in]
     blocks = moved.reshape(*moved.shape[:-1], -1, m)
     keep = torch.zeros_like(blocks, dtype=torch.bool)

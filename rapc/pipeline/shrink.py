@@ -17,7 +17,8 @@ from torch import nn
 
 from rapc.config import ShrinkConfig
 from rapc.errors import RapcError
-from rapc.pipeline.coupling import ChannelGroup, Slot, build_graph, channel_groups, output_layers
+from rapc.graph import build_graph
+from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, output_layers
 
 
 @dataclass

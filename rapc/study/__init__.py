@@ -2,7 +2,7 @@
 
     cache.py       a directory whose result file, written last, marks finished work
     rows.py        the shared dense models and the registered rows: how each contender is trained
-    evaluation.py  every model measured the same way: size, clean/PGD/AutoAttack accuracy, latency
+    evaluation.py  every model measured the same way: size, the judge's clean/PGD/ensemble accuracy, latency
     report.py      study.json's rows as one table, Markdown and a plot of robust accuracy vs MACs
     run.py         the study: every cell's rows, then latency of all models together
 """

@@ -1,8 +1,9 @@
 """Every model of a study measured the same way, whatever trained it.
 
-Accuracy is measured in PyTorch on the test split: clean, the config's evaluation PGD, and
-standard AutoAttack on the first n test images (``rapc bench``'s composition at reference
-settings). Latency is measured for all models of the study together, interleaved per
+Accuracy is the judge's (rapc.judge) final protocol on the test split, in PyTorch: clean,
+FGSM, the judge's PGD (the config's attack.eval steps, step 2.5*eps/steps unless set, at least
+2 restarts) and the ensemble APGD-CE + APGD-T at reference settings on the first n test images,
+worst case per image with PGD; the same protocol compress and bench report. Latency is measured for all models of the study together, interleaved per
 backend and batch size as ``rapc bench`` does, so a speedup over the dense model is a
 ratio from one run.
 """
@@ -17,15 +18,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from rapc.attacks import evaluate
 from rapc.bench.backends import Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
-from rapc.bench.robustness import autoattack
 from rapc.config import Config
 from rapc.data import head, load_data, loader
 from rapc.export.onnx import export_onnx
+from rapc.judge import Protocol, final_protocol, judge_loader
 from rapc.modelio import load_model, read_architecture
-from rapc.pipeline.measure import summary
+from rapc.measure import summary
 from rapc.progress import Reporter
 from rapc.rundir import atomic_write
 
@@ -34,32 +34,33 @@ ONNX = "model.onnx"  # written beside the weights in each model directory, once
 
 @dataclass(frozen=True)
 class TestData:
-    test: DataLoader
-    images: torch.Tensor  # the test split's first images, for AutoAttack
-    labels: torch.Tensor
+    test: DataLoader  # the test split (its first cfg.eval.n_test images), unshuffled: the judge's images
     example: torch.Tensor  # a test batch for parameter and MAC counts
     n_classes: int
 
     @classmethod
-    def make(cls, cfg: Config, n_autoattack: int) -> TestData:
+    def make(cls, cfg: Config) -> TestData:
         splits = load_data(cfg.data, cfg.seed)
-        test = head(splits.test, cfg.eval.n_test)
-        batch = next(iter(loader(test, max(n_autoattack, 64), shuffle=False)))
-        return cls(loader(test, cfg.data.eval_batch_size, shuffle=False), batch[0][:n_autoattack], batch[1][:n_autoattack],
-                   batch[0][:64], splits.info.num_classes)
+        test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False)
+        return cls(test, next(iter(test))[0][:64], splits.info.num_classes)
 
 
-def accuracy(model_dir: Path, cfg: Config, data: TestData, device: torch.device) -> dict[str, Any]:
-    """Size and clean/PGD accuracy of the saved model in ``model_dir``."""
+def protocol(cfg: Config, n_ensemble: int | None) -> Protocol:
+    """The judge's final protocol for a study model: ``cfg.attack.eval``, the ensemble on the first
+    ``n_ensemble`` test images (None: all)."""
+    return final_protocol(cfg.attack.eval, n_ensemble=n_ensemble, seed=cfg.seed)
+
+
+def size(model_dir: Path, cfg: Config, data: TestData) -> dict[str, Any]:
+    """Parameters, MACs and sparsity of the saved model in ``model_dir``."""
+    return summary(load_model(model_dir, allow_import=cfg.model.allow_import), data.example)
+
+
+def judged(model_dir: Path, cfg: Config, data: TestData, protocol: Protocol, device: torch.device, reporter: Reporter,
+           title: str) -> dict[str, Any]:
+    """The judge's verdict on the saved model in ``model_dir`` as JSON: every figure with its label, n and standard error."""
     model = load_model(model_dir, allow_import=cfg.model.allow_import).to(device)
-    return summary(model, data.example.to(device)) | evaluate(model, data.test, cfg.attack.eval, device)
-
-
-def autoattack_accuracy(model_dir: Path, cfg: Config, data: TestData, device: torch.device, reporter: Reporter, title: str) -> dict[str, Any]:
-    model = load_model(model_dir, allow_import=cfg.model.allow_import).to(device)
-    result = autoattack(model, data.images.to(device), data.labels.to(device), eps=cfg.attack.eval.eps,
-                        n_classes=data.n_classes, seed=cfg.seed, reporter=reporter, title=title)
-    return {"n": len(data.labels), "accuracy": result.accuracy, "broken_by": result.details}
+    return judge_loader(model, data.test, protocol, device, data.n_classes, reporter, title).to_dict()
 
 
 def _onnx(model_dir: Path, allow_import: bool) -> Path:

@@ -37,13 +37,15 @@ from torch import nn
 from rapc.config import Config, StageConfig, validate
 from rapc.data import Splits, load_data
 from rapc.modelio import Architecture, load_model, read_architecture, save_model
-from rapc.pipeline.compress import RunData, Trainer, architecture_for, compress, hard_prune, resolve_device, resume, seed_everything
+from rapc.device import resolve_device, seed_everything
+from rapc.pipeline.compress import compress, resume
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.loop import Hooks
-from rapc.pipeline.masks import MaskSet
+from rapc.pipeline.masks import MaskSet, hard_prune
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
 from rapc.pipeline.speed import training_module
+from rapc.pipeline.trainer import RunData, Trainer
 from rapc.progress import Reporter
 from rapc.registry import Registry
 from rapc.rundir import RunDir
@@ -72,8 +74,9 @@ class Cell:
 
 Builder = Callable[[Cell, Path], Trained]
 DENSE: Registry[Builder] = Registry("shared dense model")
+# A row registers with its plot marker and a summary for `rapc study --help`; the registration
+# order is the order of the study's table, plot and help (DEFAULT_ROWS, at the end of this file).
 ROWS: Registry[Builder] = Registry("study row")
-DEFAULT_ROWS = ("rapc", "scratch", "inherited", "finetune-standard", "oneshot-magnitude")
 
 
 def budget(cfg: Config) -> int:
@@ -81,14 +84,14 @@ def budget(cfg: Config) -> int:
     return stages.pretrain.epochs + stages.admm.epochs + stages.retrain.epochs
 
 
-def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, name: str, stage: StageConfig, cfg: Config | None = None,
-           hooks: Hooks = Hooks(), masks: MaskSet | None = None) -> None:
-    """One stage of ``model`` in ``directory``, checkpointed there (an interrupted row continues)."""
-    cfg = cfg or cell.cfg
-    device = next(model.parameters()).device
+def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, name: str, stage: StageConfig,
+           masks: MaskSet | None = None) -> None:
+    """One stage of ``model`` in ``directory``, checkpointed there (an interrupted row continues);
+    with ``masks``, masked training that keeps their zeros."""
+    cfg, device = cell.cfg, next(model.parameters()).device
     trainer = Trainer(cfg, model, device, RunDir(directory), data.train, data.val, data.guard_batch, cell.reporter,
                       train_model=training_module(model, cfg, device, Ranks()))
-    trainer.stage(name, stage, hooks, extra=masks)
+    trainer.stage(name, stage, masks.hooks() if masks is not None else Hooks(), extra=masks)
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: files and the shrink use NCHW
 
 
@@ -101,9 +104,9 @@ def _to_dense_init(cfg: Config) -> Splits:
 def _dense(cell: Cell, directory: Path, cfg: Config, recipe: str) -> Trained:
     device = resolve_device(cfg.device)
     splits = _to_dense_init(cfg)
-    architecture = architecture_for(cfg, splits)
+    architecture = Architecture.for_data(cfg.model, splits.info)
     model = architecture.build(allow_import=cfg.model.allow_import).to(device)
-    _train(cell, directory, model, RunData.make(cfg, splits, device), "pretrain", cfg.stages.pretrain, cfg)
+    _train(replace(cell, cfg=cfg), directory, model, RunData.make(cfg, splits, device), "pretrain", cfg.stages.pretrain)
     save_model(model, architecture, directory / MODEL)
     return Trained({"pretrain": cfg.stages.pretrain.epochs}, recipe)
 
@@ -120,12 +123,13 @@ def natural_dense(cell: Cell, directory: Path) -> Trained:
     return _dense(cell, directory, validate(data, "the naturally trained dense model"), "the config's pretraining stage on clean inputs")
 
 
-@ROWS.register("rapc")
+@ROWS.register("rapc", marker="o", summary="the pipeline")
 def rapc_row(cell: Cell, directory: Path) -> Trained:
     """rapc's pipeline after pretraining: the pretraining stage is the shared robust dense model."""
     data = cell.cfg.model_dump(mode="json")
     data["stages"]["start_from"] = str(cell.model_of("dense-robust"))
     data["stages"]["pretrain"]["epochs"] = 0
+    data["stages"]["dense_control"] = False  # the study trains its own dense rows
     cfg = validate(data, f"rapc row of {cell.ratio:g}x {cell.scheme}")
     if (directory / "config.yaml").is_file():  # started before: continued from its checkpoints, or only re-read
         resume(directory, cell.reporter)
@@ -165,19 +169,19 @@ def _from_init(cell: Cell, directory: Path, name: str, fresh: bool, recipe: str)
     masks = MaskSet(model, _zero_pattern(load_model(rapc, allow_import=cfg.model.allow_import)))
     masks.apply()
     epochs = budget(cfg)
-    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), name, cfg.stages.pretrain.model_copy(update={"epochs": epochs}),
-           hooks=Hooks(before_step=masks.mask_grads, after_step=masks.apply), masks=masks)
+    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), name,
+           cfg.stages.pretrain.model_copy(update={"epochs": epochs}), masks)
     save_model(model, shrunk, directory / MODEL)
     return Trained({name: epochs}, recipe)
 
 
-@ROWS.register("scratch")
+@ROWS.register("scratch", marker="s", summary="rapc's shrunk architecture, random init")
 def scratch_row(cell: Cell, directory: Path) -> Trained:
     return _from_init(cell, directory, "scratch", fresh=True,
                       recipe="rapc's shrunk architecture, fresh random init, the pretraining stage's recipe for the whole budget")
 
 
-@ROWS.register("inherited")
+@ROWS.register("inherited", marker="^", summary="rapc's shrunk architecture, the dense model's initial weights")
 def inherited_row(cell: Cell, directory: Path) -> Trained:
     return _from_init(cell, directory, "inherited", fresh=False,
                       recipe="rapc's shrunk architecture, dense-robust's initial weights of the kept channels, the pretraining stage's recipe for the whole budget")
@@ -190,12 +194,12 @@ def _pruned_and_finetuned(cell: Cell, directory: Path, dense: str, stage: StageC
     model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
     data = RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device)
     masks = hard_prune(model, Projector(model, data.example, cfg.pruning))
-    _train(cell, directory, model, data, "finetune", stage, hooks=Hooks(before_step=masks.mask_grads, after_step=masks.apply), masks=masks)
+    _train(cell, directory, model, data, "finetune", stage, masks)
     result = shrink(model, data.example, cfg.shrink)
     save_model(result.model, replace(read_architecture(base), pruning_history=result.history), directory / MODEL)
 
 
-@ROWS.register("finetune-standard")
+@ROWS.register("finetune-standard", marker="v", summary="natural dense, magnitude pruned, adversarially fine-tuned")
 def finetune_standard_row(cell: Cell, directory: Path) -> Trained:
     stages = cell.cfg.stages
     epochs = stages.admm.epochs + stages.retrain.epochs
@@ -206,10 +210,13 @@ def finetune_standard_row(cell: Cell, directory: Path) -> Trained:
                    "dense-natural -> one-shot magnitude pruning -> masked adversarial fine-tuning (retraining recipe, pretraining's eps ramp) -> shrink")
 
 
-@ROWS.register("oneshot-magnitude")
+@ROWS.register("oneshot-magnitude", marker="D", summary="robust dense, magnitude pruned, adversarially fine-tuned")
 def oneshot_row(cell: Cell, directory: Path) -> Trained:
     stages = cell.cfg.stages
     epochs = stages.admm.epochs + stages.retrain.epochs
     _pruned_and_finetuned(cell, directory, "dense-robust", stages.retrain.model_copy(update={"epochs": epochs}))
     return Trained({"pretrain (shared)": stages.pretrain.epochs, "finetune": epochs},
                    "dense-robust -> one-shot magnitude pruning -> masked adversarial fine-tuning (retraining recipe) -> shrink")
+
+
+DEFAULT_ROWS = tuple(ROWS)  # a study runs every registered row, in registration order, unless --rows names some

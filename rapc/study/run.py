@@ -5,9 +5,10 @@ layer's weights (filter pruning then removes about r² of the model's parameters
 pruned filter takes the next layer's inputs with it; the report shows that ratio). The dense models live in ``OUT/dense-robust/`` and ``OUT/dense-natural/``,
 the rows in ``OUT/r{r}-{scheme}/{row}/``; each one's ``row.json`` marks it finished (see
 cache.py), so repeating the command trains nothing finished, and an interrupted row
-continues from its stage checkpoints. AutoAttack figures are cached with the row for the
-n they were measured on; latency is measured again on every call (seconds), all models
-interleaved.
+continues from its stage checkpoints. The judge's verdict is cached with the row under the
+protocol it was measured with (``judged_with``): another protocol or n, or a row.json from
+before the judge, is judged again without retraining. Latency is measured again on every
+call (seconds), all models interleaved.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,16 +28,19 @@ from rapc.bench.backends import BACKENDS
 from rapc.bench.latency import TimingPolicy
 from rapc.bench.run import machine
 from rapc.config import Config, dump_config, validate
+from rapc.device import resolve_device
 from rapc.errors import RapcError
-from rapc.pipeline.compress import resolve_device
+from rapc.pipeline.projection import check_schemes
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import writable_dir
 from rapc.study.cache import cached, write_json
-from rapc.study.evaluation import TestData, accuracy, autoattack_accuracy, latency
+from rapc.study.evaluation import TestData, judged, latency, protocol, size
 from rapc.study.report import write_report
 from rapc.study.rows import DEFAULT_ROWS, DENSE, MODEL, ROWS, Cell, budget
 
 ROW_FILE = "row.json"
+JUDGE_FORMAT = 2  # of a row's "judge" entry; a row.json with another (or none: clean/robust/autoattack of v1) is judged again
+STALE = ("clean", "robust", "autoattack")  # v1's figures without labels; dropped when a row is judged again
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class StudyOptions:
     ratios: tuple[float, ...] = (2.0, 4.0)
     schemes: tuple[str, ...] = ("filter",)
     rows: tuple[str, ...] = DEFAULT_ROWS
-    n_autoattack: int = 100  # AutoAttack on the first n test images; 0: none
+    n_ensemble: int | None = None  # the ensemble APGD-CE + APGD-T on the first n test images; None: all of them
     backends: tuple[str, ...] = ("ort-cpu", "ort-cuda", "torch-cudagraphs")  # ORT CPU everywhere, GPU backends where present
     batch_sizes: tuple[int, ...] = (1, 64)
     timing: TimingPolicy = field(default_factory=lambda: TimingPolicy(min_seconds=0.5))
@@ -56,8 +60,8 @@ class StudyOptions:
             BACKENDS.get(name)
         if bad := [b for b in self.batch_sizes if b < 1]:
             raise RapcError(f"batch sizes must be at least 1, got {bad[0]}")
-        if self.n_autoattack < 0:
-            raise RapcError(f"--n-autoattack must be 0 (none) or more, got {self.n_autoattack}")
+        if self.n_ensemble is not None and self.n_ensemble < 1:
+            raise RapcError(f"--n-ensemble must be at least 1 (leave it out for all test images), got {self.n_ensemble}")
 
 
 @dataclass
@@ -72,7 +76,10 @@ def cell_config(cfg: Config, ratio: float, scheme: str) -> Config:
         raise RapcError(f"--ratios: {ratio:g} is not a compression factor; use factors above 1 such as 2,4 (4 keeps a quarter)")
     data = cfg.model_dump(mode="json")
     data["pruning"] |= {"scheme": scheme, "ratio": 1 - 1 / ratio}
-    return validate(data, f"study cell {ratio:g}x {scheme}")
+    source = f"study cell {ratio:g}x {scheme}"
+    cell = validate(data, source)
+    check_schemes(cell.pruning, source)
+    return cell
 
 
 def _train_seconds(directory: Path) -> float:
@@ -93,7 +100,8 @@ class _Study:
     def __init__(self, cfg: Config, root: Path, cells: Sequence[tuple[float, str, Config]], options: StudyOptions, reporter: Reporter) -> None:
         self.root, self.reporter = root, reporter
         self.device = resolve_device(cfg.device)
-        self.data = TestData.make(cfg, options.n_autoattack)
+        self.data = TestData.make(cfg)
+        self.n_ensemble = options.n_ensemble
         self.shared = Cell(1.0, "dense", cfg, reporter, partial(self.model_of, None))
         self.cells = {f"r{r:g}-{s}": Cell(r, s, c, reporter, partial(self.model_of, f"r{r:g}-{s}")) for r, s, c in cells}
         self.rows: dict[str, dict[str, Any]] = {}
@@ -113,14 +121,17 @@ class _Study:
             trained = build(cell, directory)
             return {"key": key, "dir": key, "ratio": cell.ratio, "scheme": cell.scheme, "row": name,
                     "epochs": trained.epochs, "recipe": trained.recipe, "train_seconds": _train_seconds(directory),
-                    "wall_seconds": time.perf_counter() - start,
-                    **accuracy(directory / MODEL, cell.cfg, self.data, self.device)}
+                    "wall_seconds": time.perf_counter() - start, **size(directory / MODEL, cell.cfg, self.data)}
 
         directory = self.root / key
         row = cached(directory, ROW_FILE, dump_config(cell.cfg), train_and_measure)
-        n = len(self.data.labels)
-        if n and (row.get("autoattack") or {}).get("n") != n:  # measured now, or before on another n
-            row["autoattack"] = autoattack_accuracy(directory / MODEL, cell.cfg, self.data, self.device, self.reporter, key)
+        wanted = protocol(cell.cfg, self.n_ensemble)
+        key_now = {"format": JUDGE_FORMAT, "protocol": asdict(wanted), "n_test": len(self.data.test.dataset)}
+        if row.get("judged_with") != key_now:  # trained now, or judged before with another protocol, n or format
+            for stale in STALE:
+                row.pop(stale, None)
+            row |= {"judge": judged(directory / MODEL, cell.cfg, self.data, wanted, self.device, self.reporter, key),
+                    "judged_with": key_now}
             write_json(directory / ROW_FILE, row)
         self.rows[key] = row
         return row
@@ -139,7 +150,8 @@ def study(cfg: Config, out: str | Path, options: StudyOptions = StudyOptions(), 
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "data": cfg.data.name, "model": {"name": cfg.model.name, "width": cfg.model.width},
-        "attack": cfg.attack.eval.model_dump(), "n_test": len(work.data.test.dataset), "n_autoattack": len(work.data.labels),
+        "attack": cfg.attack.eval.model_dump(), "judge": asdict(protocol(cfg, options.n_ensemble)),
+        "n_test": len(work.data.test.dataset),
         "budget_epochs": budget(cfg), "dense": dense, "rows": rows,
         "latency": [l.as_dict() for l in latencies], "skipped": skipped, "threads": torch.get_num_threads(),
     }

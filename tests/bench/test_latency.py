@@ -1,10 +1,12 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from rapc.bench.backends import Artifact
-from rapc.bench.latency import TimingPolicy, build_backends, measure
+from rapc.bench.latency import TimingPolicy, TimingStats, backends_for_models, build_backends, measure, time_interleaved
+from rapc.export.tensorrt import cannot_run_engines
 from rapc.errors import RapcError
 from rapc.export.artifacts import export_run
 from rapc.modelio import load_model
@@ -78,3 +80,43 @@ def test_gpu_backends_time_with_cuda_events_and_report_transfer(artifacts):
     for result in measure(runnable, batch=64, policy=QUICK):
         _sane(result, 64, QUICK)
         assert result.transfer_ms is not None and result.transfer_ms > 0
+
+
+def test_interleaved_timing_calls_each_function_once_per_round_after_the_warmup():
+    order: list[str] = []
+    policy = TimingPolicy(warmup=2, min_iters=3, min_seconds=0.0)
+    samples = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, policy)
+    assert order == ["a", "b"] * 5  # 2 warm-up rounds, then exactly min_iters timed ones
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    assert all(s >= 0 for v in samples.values() for s in v)
+
+
+def test_interleaved_timing_uses_the_timer_given_for_a_call():
+    samples = time_interleaved({"x": lambda: None}, TimingPolicy(warmup=0, min_iters=2, min_seconds=0.0), {"x": lambda fn: 0.25})
+    assert samples == {"x": [0.25, 0.25]}
+
+
+def test_timing_stats_are_milliseconds_with_percentiles_and_spread():
+    stats = TimingStats.of([0.001, 0.002, 0.003, 0.004])
+    assert stats.n == 4 and stats.mean_ms == pytest.approx(2.5)
+    assert stats.p50_ms == pytest.approx(2.5) and stats.p50_ms <= stats.p90_ms <= stats.p99_ms <= 4.0
+    assert stats.cv == pytest.approx(np.std([1, 2, 3, 4]) / 2.5)
+    with pytest.raises(ValueError, match="no timings"):
+        TimingStats.of([])
+
+
+def test_models_in_memory_get_onnx_files_for_onnx_backends_and_engines_are_skipped_with_why(tmp_path):
+    models = {"dense": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+              "small": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))}
+    runnable, skipped = backends_for_models(["torch-eager", "ort-cpu", "tensorrt"], models, (1, 8, 8), tmp_path, max_batch=8)
+    assert {"dense.onnx", "small.onnx"} <= {p.name for p in tmp_path.iterdir()}
+    assert {("torch-eager", "dense"), ("ort-cpu", "small")} <= set(runnable)
+    results = measure(runnable, batch=2, policy=TimingPolicy(warmup=1, min_iters=2, min_seconds=0.0))
+    assert {(r.backend, r.artifact) for r in results} == set(runnable)
+    if cannot_run_engines() is not None:
+        assert skipped == {"tensorrt:dense": cannot_run_engines(), "tensorrt:small": cannot_run_engines()}
+
+
+def test_models_in_memory_are_not_exported_when_no_backend_runs_files(tmp_path):
+    runnable, skipped = backends_for_models(["torch-eager"], {"m": torch.nn.Flatten()}, (1, 8, 8), tmp_path, max_batch=8)
+    assert set(runnable) == {("torch-eager", "m")} and not skipped and not any(tmp_path.iterdir())

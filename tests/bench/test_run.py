@@ -18,7 +18,7 @@ QUICK = TimingPolicy(warmup=2, min_iters=10, min_seconds=0.05)
 def benched(digits_run, tmp_path_factory):
     run = shutil.copytree(digits_run, tmp_path_factory.mktemp("bench") / "run")
     export_run(run, dense=True, precisions=("fp32", "int8"), n_check=50, n_calibration=64)
-    options = BenchOptions(backends=("torch-eager", "ort-cpu", "tensorrt"), batch_sizes=(1, 8), n_eval=360, timing=QUICK)
+    options = BenchOptions(backends=("torch-eager", "ort-cpu", "tensorrt"), batch_sizes=(1, 8), n_eval=360, n_ensemble=200, timing=QUICK)
     return run, bench_run(run, options)
 
 
@@ -34,6 +34,42 @@ def test_onnxruntime_replay_matches_pytorch_robust_accuracy_within_half_a_point(
     assert report["robustness"]["compressed"]["worst_case"] < report["robustness"]["compressed"]["attacks"][0]["accuracy"]
     int8 = report["replay"]["model.int8.onnx"]
     assert int8["precision"] == "int8" and 0 < int8["accuracy"]["all"] <= int8["accuracy"]["clean"]
+
+
+def test_the_quick_level_judges_with_the_ensemble_and_labels_every_figure(benched):
+    run, report = benched
+    dense = report["robustness"]["dense"]
+    labels = {a["name"]: a["label"] for a in dense["attacks"]}
+    assert labels == {"clean": "clean", "fgsm": "FGSM step 0.1", "pgd": "PGD-10x2 step 0.025",
+                      "ensemble": "ensemble PGD-10x2 step 0.025 + APGD-CE + APGD-T (100 steps, 9 targets)"}
+    assert {a["name"]: a["n"] for a in dense["attacks"]} == {"clean": 360, "fgsm": 360, "pgd": 360, "ensemble": 200}
+    assert all("stderr" in a for a in dense["attacks"]) and dense["robust"]["label"] == labels["ensemble"]
+    assert report["judge"]["level"] == "final" and report["judge"]["n_ensemble"] == 200
+    assert all(l["robust_attack"] == report["worst_case_label"] for l in report["latency"])
+    assert "ensemble PGD-10x2" in report["worst_case_label"] and report["worst_case_label"] == "worst case per image over FGSM step 0.1 and " + labels["ensemble"] + ", n=200"
+    md = (run / "bench" / "report.md").read_text()
+    accuracy = md.split("## Accuracy on PyTorch")[1].split("##")[0]
+    for name, label in labels.items():
+        n = 200 if name == "ensemble" else 360
+        assert f"| {name} | {label} | {n} |" in accuracy
+    assert " ± " in accuracy
+    replayed = md.split("## The PyTorch adversarial images replayed")[1].split("##")[0]
+    assert "| PGD-10x2 step 0.025 (n=360) |" in replayed and "(100 steps, 9 targets) (n=200) |" in replayed
+    assert "PGD acc" not in md
+
+
+def test_masking_warnings_reach_the_report(benched, tmp_path, monkeypatch):
+    """An honest model's bench has none; a flagged verdict's warnings appear in the JSON and the Markdown."""
+    run, report = benched
+    assert report["warnings"] == [] or all("latency" in w for w in report["warnings"])
+    from rapc import judge as judge_module
+
+    flagged = "PGD-10x2 step 0.025 says 90.0% but the ensemble 60.0%: a gap of 30 points"
+    monkeypatch.setattr(judge_module, "masking_warnings", lambda results, zero: [flagged])
+    again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=40, n_ensemble=10, timing=QUICK),
+                      out=tmp_path)
+    assert f"dense: {flagged}" in again["warnings"] and again["robustness"]["compressed"]["warnings"] == [flagged]
+    assert f"- compressed: {flagged}" in (tmp_path / "report.md").read_text()
 
 
 def test_latency_covers_every_runnable_backend_artifact_and_batch_and_lists_the_rest(benched):
@@ -70,9 +106,10 @@ def test_report_files_are_written_and_the_plots_open(benched):
 def test_bench_command_prints_tables_and_writes_the_report(benched, tmp_path):
     run, _ = benched
     result = CliRunner().invoke(main, ["bench", str(run), "--backends", "torch-eager", "--batch-sizes", "1",
-                                       "--n-eval", "40", "--min-seconds", "0.05", "--out", str(tmp_path)])
+                                       "--n-eval", "40", "--n-ensemble", "20", "--min-seconds", "0.05", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "Accuracy on PyTorch" in result.output and "Speedup over the dense model" in result.output
+    assert "PGD-10x2 step 0.025" in result.output and "ensemble" in result.output
     assert (tmp_path / "report.md").is_file()
 
 
@@ -98,8 +135,9 @@ def test_attack_results_are_cached_per_plan_and_weights_and_reused(benched, tmp_
     run, report = benched
     assert (run / "bench" / "attacks" / "compressed.pt").is_file()
     with monkeypatch.context() as patched:
-        patched.setattr("rapc.bench.run.evaluate_robustness", lambda *a, **k: pytest.fail("attacked again"))
-        again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, timing=QUICK), out=run / "bench")
+        patched.setattr("rapc.bench.run.judge", lambda *a, **k: pytest.fail("attacked again"))
+        again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, n_ensemble=200, timing=QUICK),
+                          out=run / "bench")
     assert again["robustness"] == report["robustness"]
-    fewer = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=100, timing=QUICK), out=tmp_path)
+    fewer = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=100, n_ensemble=200, timing=QUICK), out=tmp_path)
     assert fewer["n_eval"] == 100 and all(a["n"] == 100 for a in fewer["robustness"]["dense"]["attacks"])

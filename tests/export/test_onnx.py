@@ -13,6 +13,7 @@ from rapc.export.artifacts import export_run
 from rapc.export.onnx import INPUT, export_onnx
 from rapc.export.runners import OnnxRuntimeRunner, TorchRunner
 from rapc.modelio import load_model
+from rapc.rundir import open_run
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,14 @@ def test_fidelity_report_covers_clean_and_adversarial_inputs(digits_run, exporte
         # The PGD examples really attack: accuracy on them is far below clean accuracy.
         assert entry["adversarial"]["accuracy"] < entry["clean"]["accuracy"] - 0.1
     assert report["artifacts"]["model.onnx"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
+
+
+def test_fidelity_report_names_the_judges_pgd_that_crafted_the_adversarial_inputs(digits_run, exported):
+    report = json.loads((digits_run / "export" / "fidelity.json").read_text())
+    protocol = artifacts.check_protocol(open_run(digits_run).config())
+    assert report["attack"]["label"] == protocol.pgd_label and report["attack"]["label"].startswith("PGD-")
+    assert report["attack"]["n"] == 200 and report["attack"]["protocol"]["restarts"] >= 2
+    assert exported.attack["label"] == protocol.pgd_label
 
 
 def test_an_unfaithful_export_fails_loudly_and_is_recorded(digits_run, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from rapc.cli import main
 from rapc.errors import RapcError
 from rapc.export.artifacts import EngineOptions, export_run
 from rapc.export.onnx import export_onnx
-from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, choose_backend
+from rapc.export.tensorrt import EngineSpec, TensorRTRunner, build_engine, check_can_build
 from rapc.modelio import Architecture
 
 tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx (TensorRT for RTX) is not installed")
@@ -34,24 +34,39 @@ def test_engine_files_are_named_after_their_onnx_file_backend_and_target(tmp_pat
     assert rtx.engine.name == "dense.rtx-sm89.engine"
 
 
-def test_auto_backend_falls_back_to_tensorrt_rtx_and_says_why(monkeypatch):
+def test_asking_for_tensorrt_without_it_is_an_error_naming_the_gpu_extra_and_trt_rtx_never_a_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    backend, note = choose_backend("auto")
-    assert backend == "tensorrt-rtx" and "TensorRT is not installed" in note
-    with pytest.raises(RapcError, match=r"tensorrt is not installed; install it with `pip install 'rapc\[gpu\]'`"):
-        choose_backend("tensorrt")
+    with pytest.raises(RapcError) as info:
+        check_can_build("tensorrt")
+    message = str(info.value)
+    assert "TensorRT is not installed (pip install 'rapc[gpu]')" in message and "--trt-rtx" in message
+    assert "pip install tensorrt-rtx" not in message  # it is installed here: nothing to install for the alternative
+    check_can_build("tensorrt-rtx")
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    assert "--trt-rtx" in str(pytest.raises(RapcError, check_can_build, "tensorrt").value)
+    with pytest.raises(RapcError, match=r"tensorrt_rtx is not installed; install it with `pip install tensorrt-rtx`"):
+        check_can_build("tensorrt-rtx")
 
 
-def test_without_any_tensorrt_export_writes_onnx_and_exits_2_with_one_line(digits_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rtx_installed", [True, False], ids=["tensorrt-rtx-installed", "no-tensorrt-at-all"])
+def test_export_trt_without_tensorrt_writes_onnx_then_exits_2_with_one_line_naming_trt_rtx(digits_run, tmp_path, monkeypatch, rtx_installed):
     run = shutil.copytree(digits_run, tmp_path / "run")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    if not rtx_installed:
+        monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     result = CliRunner().invoke(main, ["export", str(run), "--trt", "--n-check", "20"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith("error: ")
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "cannot build a TensorRT engine" in line and "rapc[gpu]" in line
+    assert "cannot build a TensorRT engine" in line and "pip install 'rapc[gpu]'" in line and "--trt-rtx" in line
+    assert ("pip install tensorrt-rtx" in line) is not rtx_installed
     assert (run / "export" / "model.onnx").is_file() and (run / "export" / "fidelity.json").is_file()
-    assert not list((run / "export").glob("*.engine"))
+    assert not list((run / "export").glob("*.engine"))  # no TensorRT-RTX engines in place of the ones asked for
+
+
+def test_trt_and_trt_rtx_together_are_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path), "--trt", "--trt-rtx"])
+    assert result.exit_code == 2 and "choose one" in result.stderr
 
 
 def test_real_engines_build_from_fp32_fp16_and_int8_onnx(digits_run, tmp_path):

@@ -3,7 +3,7 @@ import torch
 from rapc.config import AdmmConfig, AttackConfig, OptimizerConfig, PruningConfig, ScheduleConfig
 from rapc.data import loader
 from rapc.pipeline.admm import AdmmState
-from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
+from rapc.pipeline.loop import Hooks, Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.schemes import filter_mask
 
@@ -50,8 +50,8 @@ def test_adversarial_admm_lowers_the_residual_to_the_filter_set(trained_lenet, d
     optimizer = make_optimizer(model.parameters(), OptimizerConfig(name="sgd", lr=0.01, momentum=0.9))
     schedule = make_schedule(optimizer, ScheduleConfig(name="constant"), len(data), 4)
     for _ in range(4):
-        train_epoch(model, data, optimizer, schedule, attack=AttackConfig(method="pgd", eps=0.05, steps=2),
-                    device=torch.device("cpu"), hooks=Hooks(penalty=lambda: state.penalty(params)))
+        train_epoch(model, data, Step(optimizer, schedule, AttackConfig(method="pgd", eps=0.05, steps=2),
+                                      hooks=Hooks(penalty=lambda: state.penalty(params))))
         state.update(params, projector, AdmmConfig(rho_multiplier=1.3))
     after = state.residuals(params)
     assert set(after) == {"conv1", "conv2", "fc1"}

@@ -6,7 +6,7 @@ import torch
 from rapc.attacks import evaluate
 from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
 from rapc.data import loader
-from rapc.pipeline.loop import EpochTotals, NonFinite, SavePoints, make_optimizer, make_schedule, train_epoch
+from rapc.pipeline.loop import EpochTotals, NonFinite, SavePoints, Step, make_optimizer, make_schedule, train_epoch
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -19,7 +19,7 @@ def test_adversarial_epoch_trains_in_each_precision_and_evaluation_stays_float32
     optimizer = make_optimizer(model.parameters(), OptimizerConfig(name="adam", lr=2e-3))
     schedule = make_schedule(optimizer, ScheduleConfig(name="constant"), len(data), 3)
     for _ in range(3):
-        stats = train_epoch(model, data, optimizer, schedule, attack=attack, device=torch.device("cpu"), precision=precision)
+        stats = train_epoch(model, data, Step(optimizer, schedule, attack, precision))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     after = evaluate(model, test, AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
     assert after["robust"] > before["robust"] + 0.1, (before, after)
@@ -52,7 +52,7 @@ def _sgd(model, steps):
 
 def _epoch(model, data, optimizer_schedule=None, **kwargs):
     optimizer, schedule = optimizer_schedule or _sgd(model, len(data))
-    return train_epoch(model, data, optimizer, schedule, attack=None, device=torch.device("cpu"), **kwargs)
+    return train_epoch(model, data, Step(optimizer, schedule), **kwargs)
 
 
 def test_a_nan_weight_stops_the_epoch_at_the_next_read_back_naming_the_step(trained_lenet, digits):

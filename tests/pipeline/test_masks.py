@@ -3,7 +3,7 @@ import torch
 
 from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
 from rapc.data import loader
-from rapc.pipeline.loop import Hooks, make_optimizer, make_schedule, train_epoch
+from rapc.pipeline.loop import Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.schemes import irregular_mask
 
@@ -30,8 +30,8 @@ def test_masked_adversarial_retraining_keeps_pruned_weights_exactly_zero(trained
     maskset.apply()
     schedule = make_schedule(opt, ScheduleConfig(name="cosine"), len(data), 1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_epoch(model, data, opt, schedule, attack=AttackConfig(method="pgd", eps=0.05, steps=2), device=torch.device("cpu"),
-                hooks=Hooks(before_step=maskset.mask_grads, after_step=maskset.apply))
+    train_epoch(model, data, Step(opt, schedule, AttackConfig(method="pgd", eps=0.05, steps=2),
+                                  hooks=maskset.hooks()))
     for name, p in model.named_parameters():
         if name in masks:
             assert torch.all(p[~masks[name]] == 0), name

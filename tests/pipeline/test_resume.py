@@ -103,7 +103,7 @@ def _assert_same_results(run: Path, reference: Path, loss_rel: float = 0.0) -> N
     """The same weights and masks, and the same metrics; the logged training loss up to ``loss_rel``
     where a resumed torchrun's rank 0 continued the loss summed over ranks (rounded otherwise than
     adding the ranks' sums at the end of the epoch)."""
-    for model in ("dense", "model"):
+    for model in ("pretrained", "dense", "model"):
         ours, theirs = load_file(run / model / "weights.safetensors"), load_file(reference / model / "weights.safetensors")
         assert ours.keys() == theirs.keys()
         for name in ours:
@@ -234,7 +234,7 @@ def test_a_diverging_loss_stops_with_a_one_line_error_and_keeps_the_good_checkpo
     "args, words",
     [
         (["--resume", "{run}", "--set", "pruning.ratio=0.7"], "drop --config, --set and --out"),
-        (["--resume", "{tmp}/nothing"], "holds no run to resume"),
+        (["--resume", "{tmp}/nothing"], "not a run directory"),
         (["-c", "digits-lenet-filter", "--out", "{run}"], "already holds a run: `rapc compress --resume"),
     ],
 )

@@ -5,7 +5,7 @@ from rapc.config import LayerRule, PruningConfig, ShrinkConfig
 from rapc.errors import RapcError
 from rapc.models import create_model
 from rapc.pipeline.masks import MaskSet
-from rapc.pipeline.measure import layer_stats, macs_and_params
+from rapc.measure import layer_stats, macs_and_params
 from rapc.pipeline.projection import Projector
 import rapc.pipeline.shrink as shrink_module
 from rapc.pipeline.shrink import shrink

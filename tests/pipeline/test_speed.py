@@ -5,20 +5,20 @@ import torch
 
 from rapc.config import AttackConfig
 from rapc.data import loader
-from rapc.pipeline.compress import architecture_for
-from rapc.pipeline.distributed import Ranks, unwrap
-from rapc.pipeline.loop import make_optimizer, make_schedule, train_epoch
+from rapc.modelio import Architecture
+from rapc.pipeline.distributed import Ranks
+from rapc.pipeline.loop import Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.speed import training_module
 
 
 def _one_step(cfg, digits, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     torch.manual_seed(0)
-    model = architecture_for(cfg, digits).build().to(device)
+    model = Architecture.for_data(cfg.model, digits.info).build().to(device)
     module = training_module(model, cfg, device, Ranks())
     optimizer = make_optimizer(model.parameters(), cfg.stages.pretrain.optimizer)
     batch = [next(iter(loader(digits.train, 32, shuffle=False)))]
-    stats = train_epoch(module, batch, optimizer, make_schedule(optimizer, cfg.stages.pretrain.schedule, 1, 1),
-                        attack=AttackConfig(eps=0.1, steps=2, step=0.05), device=device, precision=cfg.precision)
+    stats = train_epoch(module, batch, Step(optimizer, make_schedule(optimizer, cfg.stages.pretrain.schedule, 1, 1),
+                                            AttackConfig(eps=0.1, steps=2, step=0.05), cfg.precision))
     return model, module, stats
 
 
@@ -29,10 +29,10 @@ def test_channels_last_trains_with_nhwc_weights_and_unchanged_names(digits_cfg, 
     assert stats["loss"] > 0 and "conv1.weight" in model.state_dict()
 
 
-def test_compile_wraps_the_model_and_unwrap_gives_it_back(digits_cfg, digits):
+def test_compile_wraps_the_model_and_keeps_its_parameters(digits_cfg, digits):
     cfg = digits_cfg.model_copy(update={"compile": True}, deep=True)
     model, module, stats = _one_step(cfg, digits, torch.device("cpu"))
-    assert module is not model and unwrap(module) is model
+    assert module is not model and module._orig_mod is model
     assert stats["loss"] > 0 and list(dict(module.named_parameters())) != list(dict(model.named_parameters()))
 
 

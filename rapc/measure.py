@@ -8,7 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from rapc.pipeline.coupling import PRUNABLE
+from rapc.graph import PRUNABLE
 
 
 @dataclass(frozen=True)

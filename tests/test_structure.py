@@ -1,0 +1,64 @@
+"""The import direction of DESIGN.md, read from the source: cli -> study -> bench -> export /
+pipeline -> core. A helper that a lower layer needs lives in that layer or below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rapc"
+LAYERS = {"core": 0, "pipeline": 1, "export": 1, "bench": 2, "study": 3, "cli": 4}
+COMMAND = "rapc.pipeline.compress"  # the compress command's orchestration
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if parts[1:2] == ["cli"] or parts[1:2] == ["__main__"]:
+        return "cli"
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "core"
+
+
+def _modules() -> list[str]:
+    return [".".join(("rapc", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+            for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+def _imports(module: str) -> dict[str, set[str]]:
+    """Every rapc module imported anywhere in ``module`` (lazy imports inside functions too), with the names taken."""
+    path = PACKAGE.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rapc"):
+            found.setdefault(node.module, set()).update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("rapc"):
+                    found.setdefault(alias.name, set())
+    return found
+
+
+def test_the_layers_are_found():
+    layers = {_layer(m) for m in _modules()}
+    assert layers == set(LAYERS), layers
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_a_module_imports_only_its_own_layer_and_the_layers_below(module):
+    here = _layer(module)
+    for imported in _imports(module):
+        there = _layer(imported)
+        assert there == here or LAYERS[there] < LAYERS[here], f"{module} ({here}) imports {imported} ({there})"
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_only_commands_use_the_compress_command(module):
+    """compress.py is orchestration: the CLI runs it and the study runs it as one of its rows, by its
+    entry points; nothing imports it for a helper."""
+    names = _imports(module).get(COMMAND)
+    if names is None or module == COMMAND:
+        return
+    assert _layer(module) in ("cli", "study"), f"{module} imports the compress command"
+    assert names <= {"compress", "resume", "CompressResult"}, f"{module} imports helpers {names} from {COMMAND}"
