@@ -1,9 +1,15 @@
-"""The speed benchmark runs end to end in a tiny mode and reports every figure it promises."""
+"""The speed benchmark runs end to end in a tiny mode and reports every figure it promises; the
+commands its README gives for its figures are still valid commands of it."""
 
+import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -34,3 +40,39 @@ def test_compress_speed_prints_training_time_and_memory_and_latency_per_backend_
     assert len(inference["speedup"]) == 4
     for row in inference["speedup"]:
         assert row["speedup"] > 0 and row["mac_ratio"] > 1 and row["param_ratio"] > 1
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every compress_speed.py command in benchmarks/README.md, as its arguments (continuation lines joined)."""
+    text = (ROOT / "benchmarks" / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(m) for m in re.findall(r"benchmarks/compress_speed\.py([^\n`]*)", text) if "--help" not in m]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("compress_speed", ROOT / "benchmarks" / "compress_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compress_speed"] = module  # its dataclasses look their module up while being made
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["compress_speed"]
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=" ".join)
+def test_every_command_in_the_benchmark_readme_is_a_valid_command_of_the_script(script, argv):
+    script.parse_args(argv)  # argparse exits on an unknown or malformed option
+
+
+def test_the_outside_audit_finds_what_rapc_reports_within_two_points(digits_run):
+    """The audit attacks with torchattacks directly; rapc's ensemble must not claim more robustness."""
+    done = subprocess.run([sys.executable, "benchmarks/audit_robustness.py", str(digits_run), "--n", "360"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        audit, reported = record["audit"], record["rapc reports"]
+        assert reported["n"] == record["n"] == 360
+        assert reported["accuracy"] <= audit["worst case"] + 0.02, record
+        assert audit["worst case"] < audit["clean"]  # the attacks really lower accuracy
