@@ -241,6 +241,13 @@ def random_splits(shape: tuple[int, int, int], n_train: int, num_classes: int = 
     return Splits(split(n_train), split(256), split(256), info)
 
 
+@DATASETS.register("random")
+def random(cfg: DataConfig, seed: int) -> Splits:
+    """CIFAR-10's shapes (3x32x32, 10 classes) with random pixels and labels: for speed checks of a
+    CIFAR preset on a machine without the dataset (`make gpu-check`); its accuracies mean nothing."""
+    return random_splits((3, 32, 32), 1280, num_classes=10, seed=seed)
+
+
 def head(dataset: Dataset, n: int | None) -> Dataset:
     """The first n examples (all when n is None): fixed evaluation subsets."""
     if n is None or n >= len(dataset):  # type: ignore[arg-type]

@@ -56,3 +56,12 @@ def test_random_splits_are_pixels_in_0_1_with_labels_below_num_classes():
     assert len(splits.val) == len(splits.test) == 256 and (splits.info.channels, splits.info.image_size) == (3, 8)
     with pytest.raises(RapcError, match="square"):
         random_splits((3, 8, 6), 10)
+
+
+def test_the_random_dataset_has_cifar_shapes_and_is_reproducible():
+    from rapc.config import DataConfig
+
+    a, b = load_data(DataConfig(name="random"), seed=1), load_data(DataConfig(name="random"), seed=1)
+    x, y = a.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1 and a.info.num_classes == 10
+    assert torch.equal(x, b.train[0][0]) and int(y) == int(b.train[0][1])
