@@ -57,7 +57,7 @@ def main() -> None:
     images, labels = zip(*loader(head(load_data(cfg.data, cfg.seed).test, args.n), 500, shuffle=False))
     x, y = torch.cat(images), torch.cat(labels)
     summary = run.summary() or {}
-    for name, directory in (("dense", run.dense), ("compressed", run.model)):
+    for name, directory in run.models().items():
         start = time.perf_counter()
         figures = audit(load_model(directory), x, y, cfg.attack.eval.eps, cfg.seed)
         reported = summary.get(name, {}).get("judge", {}).get("robust", {})

@@ -121,7 +121,7 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     """Adversarial ADMM pruning -> hard prune -> masked adversarial retraining -> physical shrink.
 
     Writes the run directory: resolved config.yaml, metrics.jsonl, stage checkpoints,
-    dense/ and model/ (architecture JSON + safetensors), summary.json. Ctrl-C (or SIGTERM)
+    pretrained/, dense/ (the budget-matched baseline) and compressed/ (architecture JSON + safetensors), summary.json. Ctrl-C (or SIGTERM)
     stops after the current step with a checkpoint (under torchrun a few steps later, all ranks
     at the same one); --resume continues from it, under torchrun too.
     """
@@ -207,7 +207,7 @@ def _export_table(result) -> Table:
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/export).")
 def export(run: str, dense: bool, precisions: tuple[str, ...], n_check: int, trt: bool, trt_rtx: bool,
            rtx_target: str, max_batch: int, sparse: bool, out: str | None) -> None:
-    """Export a run's compressed model to ONNX (RUN/export/model.onnx) and prove it faithful.
+    """Export a run's compressed model to ONNX (RUN/export/compressed.onnx) and prove it faithful.
 
     One self-contained file, dynamic batch, input `input` in [0,1] pixel space. onnxruntime
     is run against PyTorch on clean test images and on PGD examples crafted on the PyTorch
@@ -308,6 +308,9 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option("--rows", default=None,
               help="Comma-separated rows (default all): "
                    + ", ".join(f"{name} ({ROWS.info(name).get('summary', 'see rapc/study/rows.py')})" for name in ROWS) + ".")
+@click.option("--seeds", type=click.IntRange(min=1), default=STUDY_DEFAULTS.seeds, show_default=True,
+              help="Train every shared dense model and every row N times, with the config's seed, seed + 1, ...; the table "
+                   "gives each figure's mean and standard deviation across them (each seed's figures are in study.json).")
 @click.option("--n-ensemble", "--n-autoattack", "n_ensemble", type=click.IntRange(min=1), default=STUDY_DEFAULTS.n_ensemble,
               help="The judge's ensemble APGD-CE + APGD-T (100 steps, 9 targets) on the first N test images of every model "
                    f"(default {STUDY_DEFAULTS.n_ensemble or 'all'}; it is slow on CPU). The table gives n and the standard error.")
@@ -318,12 +321,14 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
               help=f"Comma-separated latency batch sizes (default {','.join(map(str, STUDY_DEFAULTS.batch_sizes))}).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value (repeatable).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Study directory (default runs/study-<config name>).")
-def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str | None, n_ensemble: int | None, backends: str | None,
-          batch_sizes: tuple[int, ...] | None, overrides: tuple[str, ...], out: str | None) -> None:
+def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str | None, seeds: int, n_ensemble: int | None,
+          backends: str | None, batch_sizes: tuple[int, ...] | None, overrides: tuple[str, ...], out: str | None) -> None:
     """rapc's pipeline beside four baselines, for every compression ratio and scheme, in one table.
 
-    Two dense models (robust and natural) are trained once and shared; every row trains
-    the same total epochs. Each row lives in OUT/r<ratio>-<scheme>/<row>/ and a finished
+    Three dense models (robust, natural, and robust trained on for the pruning stages'
+    epochs: budget-matched) are trained once and shared; every row trains through the
+    config's pretrain, ADMM and retraining recipes, so all end on the same schedule and
+    full-eps epochs. Each row lives in OUT/seed<s>/r<ratio>-<scheme>/<row>/ and a finished
     row is not rerun. Writes OUT/study.json, OUT/study.md and OUT/study.png (robust
     accuracy vs MACs).
     """
@@ -333,7 +338,7 @@ def study(config: str | None, ratios: tuple[float, ...], schemes: str, rows: str
 
     cfg = load_config(config, overrides)
     given = {"rows": rows and tuple(rows.split(",")), "backends": backends and tuple(backends.split(",")), "batch_sizes": batch_sizes}
-    options = StudyOptions(ratios, tuple(schemes.split(",")), n_ensemble=n_ensemble,
+    options = StudyOptions(ratios, tuple(schemes.split(",")), n_ensemble=n_ensemble, seeds=seeds,
                            **{k: v for k, v in given.items() if v is not None})
     out = out or str(Path("runs") / f"study-{Path(config or DEFAULT_PRESET).stem}")
     console = log_console()

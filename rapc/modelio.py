@@ -120,13 +120,13 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or a run directory whose compressed model is in ``model/``."""
+    """A model directory, or a run directory whose compressed model is in ``compressed/``."""
     path = Path(path)
     if not path.exists():
         raise RapcError(f"{path} does not exist")
     if (path / ARCHITECTURE).is_file():
         return path
-    compressed = RunPaths(path).model
+    compressed = RunPaths(path).compressed
     if (compressed / ARCHITECTURE).is_file():
         return compressed
     raise RapcError(f"{path} holds no saved model (no {ARCHITECTURE} there or in {compressed})")

@@ -8,7 +8,7 @@ so an interrupted run never leaves a partial file where a complete one is expect
     runs/NAME/dense/               the dense baseline the compressed model is compared with: the
                                    pretrained model trained on for as long as pruning took
                                    (stages.dense_control), else the pretrained model itself
-    runs/NAME/model/               the compressed, shrunk model
+    runs/NAME/compressed/          the compressed, shrunk model
     runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
                                    last, so it marks a finished run
 
@@ -81,8 +81,12 @@ class RunPaths:
         return self.root / "dense"
 
     @property
-    def model(self) -> Path:
-        return self.root / "model"
+    def compressed(self) -> Path:
+        return self.root / "compressed"
+
+    def models(self) -> dict[str, Path]:
+        """The run's two saved models by name, the names their ONNX files and bench artifacts take."""
+        return {"dense": self.dense, "compressed": self.compressed}
 
     @property
     def export(self) -> Path:

@@ -86,7 +86,7 @@ def damaged(command: str, damage: Callable[[Path], None], *options: str) -> Make
 
 def edit_architecture(**changes: Any) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
-        path = run / "model" / "architecture.json"
+        path = run / "compressed" / "architecture.json"
         path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
     return damage
@@ -103,8 +103,8 @@ def interrupted_with_corrupt_checkpoint(run: Path) -> None:
 
 def corrupt_onnx(run: Path) -> None:
     (run / "export").mkdir()
-    (run / "export" / "model.onnx").write_bytes(b"not a protobuf")
-    (run / "export" / "fidelity.json").write_text(json.dumps({"artifacts": {"model.onnx": {"model": "model", "precision": "fp32"}}}))
+    (run / "export" / "compressed.onnx").write_bytes(b"not a protobuf")
+    (run / "export" / "fidelity.json").write_text(json.dumps({"artifacts": {"compressed.onnx": {"model": "compressed", "precision": "fp32"}}}))
 
 
 def unwritable_output(tmp: Path, run: Path) -> list[str]:
@@ -149,19 +149,19 @@ CASES = [
     # files of a run: named with what is wrong in them
     ("corrupt-checkpoint", damaged("compress --resume", interrupted_with_corrupt_checkpoint),
      ["{tmp}/run/checkpoints/retrain.pt: not a loadable checkpoint"]),
-    ("truncated-safetensors", damaged("export", truncate("model/weights.safetensors", 500), *EXPORT),
-     ["{tmp}/run/model/weights.safetensors: corrupt or truncated safetensors file"]),
+    ("truncated-safetensors", damaged("export", truncate("compressed/weights.safetensors", 500), *EXPORT),
+     ["{tmp}/run/compressed/weights.safetensors: corrupt or truncated safetensors file"]),
     ("architecture-does-not-match-weights", damaged("export", edit_architecture(pruning_history=[]), *EXPORT),
-     ["{tmp}/run/model/weights.safetensors: tensor conv1.weight has shape", "the architecture expects [8, 1, 5, 5]"]),
+     ["{tmp}/run/compressed/weights.safetensors: tensor conv1.weight has shape", "the architecture expects [8, 1, 5, 5]"]),
     ("architecture-unknown-builder", damaged("export", edit_architecture(builder="alexnet"), *EXPORT),
-     ["{tmp}/run/model/architecture.json: unknown model 'alexnet'; known: lenet"]),
+     ["{tmp}/run/compressed/architecture.json: unknown model 'alexnet'; known: lenet"]),
     ("architecture-malformed", damaged("export", edit_architecture(input_shape=[1, 8]), *EXPORT),
-     ["{tmp}/run/model/architecture.json: unreadable architecture record", "input_shape [channels, height, width]"]),
+     ["{tmp}/run/compressed/architecture.json: unreadable architecture record", "input_shape [channels, height, width]"]),
     ("start-from-weights-of-another-width", compress("stages.start_from={run}", "model.width=8"),
      ["{run}/dense/weights.safetensors: tensor conv1.weight has shape [8, 1, 5, 5], the architecture expects [16, 1, 5, 5]"]),
-    ("start-from-a-pruned-model", compress("stages.start_from={run}/model"), ["stages.start_from: {run}/model holds a pruned model"]),
-    ("run-without-model", damaged("export", lambda run: shutil.rmtree(run / "model"), *EXPORT), ["{tmp}/run/model does not exist"]),
-    ("corrupt-onnx", damaged("bench", corrupt_onnx, *BENCH), ["{tmp}/run/export/model.onnx: onnxruntime cannot load it"]),
+    ("start-from-a-pruned-model", compress("stages.start_from={run}/compressed"), ["stages.start_from: {run}/compressed holds a pruned model"]),
+    ("run-without-model", damaged("export", lambda run: shutil.rmtree(run / "compressed"), *EXPORT), ["{tmp}/run/compressed does not exist"]),
+    ("corrupt-onnx", damaged("bench", corrupt_onnx, *BENCH), ["{tmp}/run/export/compressed.onnx: onnxruntime cannot load it"]),
     ("unwritable-output-directory", unwritable_output, ["cannot write", "{tmp}/file/export", "Not a directory"]),
 ]
 

@@ -34,7 +34,7 @@ def test_compress_runs_end_to_end_on_digits(digits_run):
     out, proc = digits_run
     assert proc.returncode == 0, proc.stderr
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/admm.pt", "checkpoints/retrain.pt",
-                 "dense/architecture.json", "dense/weights.safetensors", "model/architecture.json", "model/weights.safetensors"):
+                 "dense/architecture.json", "dense/weights.safetensors", "compressed/architecture.json", "compressed/weights.safetensors", "pretrained/weights.safetensors"):
         assert (out / name).is_file(), name
     assert "dense vs compressed" in proc.stdout and "PGD acc" not in proc.stdout
     # every robust figure names its attack and n: the judge's PGD (restarts, rule step) and the ensemble

@@ -1,10 +1,11 @@
-"""rapc study on digits: the shared dense models and the five rows of one cell, cached per row."""
+"""rapc study on digits: the shared dense models and the five rows of one cell, cached per row and seed."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from statistics import fmean, stdev
 
 import pytest
 import torch
@@ -14,12 +15,12 @@ from rapc.bench.latency import TimingPolicy
 from rapc.cli import main
 from rapc.config import Config, load_config
 from rapc.errors import RapcError
-from rapc.modelio import read_architecture
+from rapc.modelio import load_model, read_architecture
 from rapc.modelio import Architecture
 from rapc.pipeline.trainer import Trainer
 from rapc.study import DEFAULT_ROWS, StudyOptions, study
 from rapc.study.evaluation import judged
-from rapc.study.rows import _to_dense_init, initial_shrunk
+from rapc.study.rows import _to_dense_init, final_model, initial_shrunk
 
 TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1")
 QUICK = TimingPolicy(warmup=2, min_iters=5, min_seconds=0.05)
@@ -49,25 +50,62 @@ def _rows(out: Path) -> dict[str, dict]:
     return {row["row"]: row for row in report["dense"] + report["rows"]}
 
 
-def test_study_trains_every_row_to_rapcs_architecture_on_the_same_epoch_budget(study_dir: Path) -> None:
+def _row_dir(out: Path, key: str, seed: int = 0) -> Path:
+    return out / f"seed{seed}" / key
+
+
+def test_study_trains_every_row_to_rapcs_architecture(study_dir: Path) -> None:
     rows = _rows(study_dir)
-    assert set(rows) == {"dense-robust", "dense-natural", *DEFAULT_ROWS}
+    assert set(rows) == {"dense-robust", "dense-natural", "dense-matched", *DEFAULT_ROWS}
     rapc, dense = rows["rapc"], rows["dense-robust"]
     # filter pruning at 2x halves filters and the next layer's inputs: at least 2x fewer parameters
     assert 2 <= dense["params"] / rapc["params"] <= 4.5 and rapc["macs"] < dense["macs"]
     for name in DEFAULT_ROWS:  # magnitude pruning at the same scheme and ratio keeps as many filters per layer
         assert (rows[name]["params"], rows[name]["macs"]) == (rapc["params"], rapc["macs"]), name
-        assert sum(rows[name]["epochs"].values()) == _report(study_dir)["budget_epochs"] == 4, name
+    assert (rows["dense-matched"]["params"], rows["dense-matched"]["macs"]) == (dense["params"], dense["macs"])
     for row in rows.values():
-        assert 0 <= row["judge"]["robust"]["accuracy"] <= row["judge"]["clean"] <= 1
+        judge = row["seeds"][0]["judge"]
+        assert 0 <= judge["robust"]["accuracy"] <= judge["clean"] <= 1
         assert row["train_seconds"] > 0
-    robust = {name: {a["name"]: a["accuracy"] for a in row["judge"]["attacks"]} for name, row in rows.items()}
+    robust = {name: {a["name"]: a["mean"] for a in row["figures"]} for name, row in rows.items()}
     assert robust["dense-natural"]["pgd"] < robust["dense-robust"]["pgd"]  # adversarial training buys robustness
+
+
+def _at_eps(schedule: list[dict]) -> list[tuple]:
+    return [(p["stage"], p["optimizer"], p["lr"], p["schedule"], p["ramp_epochs"], p["full_eps_epochs"])
+            for p in schedule if p["ramp_epochs"] + p["full_eps_epochs"]]
+
+
+def test_the_rows_of_a_cell_and_dense_matched_end_on_equal_schedules_as_their_configs_record(study_dir: Path, tiny_cfg: Config) -> None:
+    rows = _rows(study_dir)
+    compared = {name: rows[name] for name in (*DEFAULT_ROWS, "dense-matched")}
+    stages = tiny_cfg.stages
+    full_eps = stages.pretrain.epochs - stages.pretrain.clean_epochs + stages.admm.epochs + stages.retrain.epochs
+    retrain = ("retrain", stages.retrain.epochs, stages.retrain.optimizer.name, stages.retrain.optimizer.lr, stages.retrain.schedule.name)
+    for name, row in compared.items():
+        assert row["full_eps_epochs"] == sum(p["full_eps_epochs"] for p in row["schedule"]) == full_eps == 3, name
+        assert _at_eps(row["schedule"]) == _at_eps(rows["rapc"]["schedule"]), name  # the same recipes at eps, in order
+        last = row["schedule"][-1]
+        assert (last["stage"], last["epochs"], last["optimizer"], last["lr"], last["schedule"]) == retrain, name
+    # the shared pretraining counts once; only finetune-standard's natural start comes on top
+    assert {name: sum(row["epochs"].values()) for name, row in compared.items()} == {
+        **{name: 4 for name in compared}, "finetune-standard": 4 + stages.pretrain.epochs}
+    assert rows["dense-robust"]["full_eps_epochs"] == 1 and rows["dense-natural"]["full_eps_epochs"] == 0
+
+
+def test_every_row_trained_the_epochs_at_full_eps_its_schedule_records(study_dir: Path, tiny_cfg: Config) -> None:
+    eps = tiny_cfg.attack.train.eps
+    for row in _rows(study_dir).values():
+        logged = [json.loads(line) for line in (study_dir / row["seeds"][0]["dir"] / "metrics.jsonl").read_text().splitlines()]
+        trained = [r for r in logged if "train_eps" in r]
+        own = [p for p in row["schedule"] if not p["shared"]]
+        assert len(trained) == sum(p["epochs"] for p in own), row["key"]
+        assert sum(r["train_eps"] == eps for r in trained) == sum(p["full_eps_epochs"] for p in own), row["key"]
 
 
 def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fresh(study_dir: Path, tiny_cfg: Config) -> None:
     dense = Architecture.for_data(tiny_cfg.model, _to_dense_init(tiny_cfg).info).build()
-    shrunk = read_architecture(study_dir / "r2-filter" / "rapc" / "model")
+    shrunk = read_architecture(final_model(_row_dir(study_dir, "r2-filter/rapc")))
     cpu = torch.device("cpu")
     inherited = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=False)
     scratch = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=True)
@@ -102,7 +140,8 @@ def test_study_writes_markdown_with_the_budget_and_a_plot(study_dir: Path) -> No
     import matplotlib.pyplot as plt
 
     text = (study_dir / "study.md").read_text()
-    assert "Same budget" in text and "4 epochs in total" in text
+    assert "Equal schedules" in text and "3 of them at full eps" in text and "Unequal" not in text
+    assert "accuracy ± standard error" in text and "seeds" not in text
     for name in DEFAULT_ROWS:
         assert f"| 1/2 | filter | {name} |" in text
     assert "ort-cpu b8 ms" in text
@@ -127,17 +166,19 @@ def test_study_json_and_markdown_label_every_robust_figure_with_its_attack_and_n
     assert report["judge"]["level"] == "final" and report["judge"]["n_ensemble"] == N_ENSEMBLE
     text = (study_dir / "study.md").read_text()
     for row in report["dense"] + report["rows"]:
-        attacks = {a["name"]: a for a in row["judge"]["attacks"]}
+        (seed,) = row["seeds"]
+        attacks = {a["name"]: a for a in seed["judge"]["attacks"]}
         assert set(attacks) == {"clean", "fgsm", "pgd", "ensemble"}
         assert attacks["pgd"]["label"].startswith("PGD-") and attacks["pgd"]["n"] == n_test
         assert "APGD-CE + APGD-T" in attacks["ensemble"]["label"] and attacks["ensemble"]["n"] == N_ENSEMBLE
         for attack in attacks.values():
             assert 0 <= attack["stderr"] < 0.5
-        robust = row["judge"]["robust"]  # the headline figure: the ensemble, with its label, n and standard error
+        robust = row["robust"]  # the headline figure: the ensemble, with its label, n and standard error
         assert (robust["name"], robust["label"], robust["n"]) == ("ensemble", attacks["ensemble"]["label"], N_ENSEMBLE)
-        assert not {"robust", "autoattack"} & set(row)  # no figure without a label
-        assert f"{robust['accuracy']:.1%} ± {robust['stderr'] * 100:.1f}" in text
-    first = {a["name"]: a for a in report["dense"][0]["judge"]["attacks"]}
+        assert (robust["mean"], robust["stderr"], robust["std"]) == (attacks["ensemble"]["accuracy"], attacks["ensemble"]["stderr"], None)
+        assert not {"robust", "autoattack", "clean"} & set(seed)  # no figure without a label
+        assert f"{robust['mean']:.1%} ± {robust['stderr'] * 100:.1f}" in text
+    first = {a["name"]: a for a in report["dense"][0]["figures"]}
     assert f"| {first['pgd']['label']}, n={n_test} |" in text
     assert f"| {first['ensemble']['label']}, n={N_ENSEMBLE} |" in text
     assert f"clean, n={n_test}" in text and "| PGD |" not in text
@@ -158,17 +199,17 @@ def test_the_judge_runs_once_per_model_for_each_protocol_and_again_on_a_row_from
     assert calls == []  # cached with the row for this protocol
     options = StudyOptions(ratios=(2.0,), schemes=("filter",), n_ensemble=3, backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
     study(tiny_cfg, out, options)
-    assert sorted(calls) == sorted(["dense-natural", "dense-robust", *(f"r2-filter/{n}" for n in DEFAULT_ROWS)])
+    assert sorted(calls) == sorted(f"seed0/{n}" for n in ("dense-natural", "dense-robust", "dense-matched", *(f"r2-filter/{n}" for n in DEFAULT_ROWS)))
     study(tiny_cfg, out, options)
-    assert len(calls) == 7
-    row_file = out / "r2-filter" / "rapc" / "row.json"
+    assert len(calls) == 8
+    row_file = _row_dir(out, "r2-filter/rapc") / "row.json"
     assert json.loads(row_file.read_text())["judge"]["robust"]["n"] == 3
     # a row.json written before the judge: unlabelled clean/robust/autoattack figures, judged again, not misread
     old = {k: v for k, v in json.loads(row_file.read_text()).items() if k not in ("judge", "judged_with")}
     row_file.write_text(json.dumps(old | {"clean": 0.9, "robust": 0.8, "autoattack": {"n": 3, "accuracy": 0.7}}))
     rows = _rows(study(tiny_cfg, out, options).out)
-    assert calls[7:] == ["r2-filter/rapc"]
-    assert "judge" in rows["rapc"] and not {"clean", "robust", "autoattack"} & set(rows["rapc"])
+    assert calls[8:] == ["seed0/r2-filter/rapc"]
+    assert "judge" in rows["rapc"]["seeds"][0] and not {"clean", "robust", "autoattack"} & set(rows["rapc"]["seeds"][0])
 
 
 def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path, tiny_cfg: Config) -> None:
@@ -184,6 +225,7 @@ def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path,
     ({"rows": ("rapc", "nope")}, "unknown study row 'nope'"),
     ({"batch_sizes": (0,)}, "at least 1"),
     ({"n_ensemble": 0}, "n-ensemble"),
+    ({"seeds": 0}, "seeds"),
     ({"backends": ("warp-drive",)}, "unknown bench backend"),
 ])
 def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Path, changes: dict, message: str) -> None:
@@ -194,7 +236,7 @@ def test_study_rejects_bad_input_before_training(tiny_cfg: Config, tmp_path: Pat
 
 def test_study_command_prints_the_table_of_a_finished_study(study_dir: Path) -> None:
     args = ["study", "-c", "digits-lenet-filter", "--ratios", "2", "--schemes", "filter", "--out", str(study_dir),
-            "--n-ensemble", str(N_ENSEMBLE), "--backends", "ort-cpu", "--batch-sizes", "1"]
+            "--n-ensemble", str(N_ENSEMBLE), "--seeds", "1", "--backends", "ort-cpu", "--batch-sizes", "1"]
     result = CliRunner().invoke(main, args + [arg for kv in TINY for arg in ("--set", kv)])
     assert result.exit_code == 0, result.output
     assert "inherited" in result.output and "finetune-standard" in result.output and "study.md" in result.output
@@ -212,9 +254,32 @@ def test_study_row_without_its_result_file_is_remeasured_from_its_checkpoints(st
         raise AssertionError("trained again")
 
     before = _rows(study_dir)["scratch"]
-    (study_dir / "r2-filter" / "scratch" / "row.json").unlink()  # as if killed after training, before writing it
+    (_row_dir(study_dir, "r2-filter/scratch") / "row.json").unlink()  # as if killed after training, before writing it
     monkeypatch.setattr("rapc.study.rows.compress", fail)
     monkeypatch.setattr("rapc.pipeline.trainer.train_epoch", fail)
     after = _rows(study(tiny_cfg, study_dir, OPTIONS).out)["scratch"]
     assert (after["params"], after["epochs"], after["train_seconds"]) == (before["params"], before["epochs"], before["train_seconds"])
-    assert (study_dir / "r2-filter" / "scratch" / "row.json").is_file()
+    assert (_row_dir(study_dir, "r2-filter/scratch") / "row.json").is_file()
+
+
+def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_dir: Path, tiny_cfg: Config, tmp_path: Path) -> None:
+    out = shutil.copytree(study_dir, tmp_path / "copy")  # seed 0 is read; seed 1 trains the dense models and one row
+    before = (_row_dir(out, "r2-filter/oneshot-magnitude") / "row.json").read_text()
+    options = StudyOptions(ratios=(2.0,), schemes=("filter",), rows=("oneshot-magnitude",), n_ensemble=N_ENSEMBLE, seeds=2,
+                           backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
+    report = study(tiny_cfg, out, options).report
+    assert report["seeds"] == [0, 1]
+    assert (_row_dir(out, "r2-filter/oneshot-magnitude") / "row.json").read_text() == before
+    for line in report["dense"] + report["rows"]:
+        assert [row["seed"] for row in line["seeds"]] == [0, 1] and line["n_seeds"] == 2
+        assert all((_row_dir(out, line["key"], seed) / "row.json").is_file() for seed in (0, 1))
+        for figure in line["figures"]:
+            each = [next(a for a in row["judge"]["attacks"] if a["name"] == figure["name"])["accuracy"] for row in line["seeds"]]
+            assert figure["per_seed"] == each
+            assert (figure["mean"], figure["std"]) == pytest.approx((fmean(each), stdev(each)))
+    weights = [next(iter(load_model(final_model(_row_dir(out, "dense-robust", seed))).parameters())) for seed in (0, 1)]
+    assert not torch.equal(*weights)  # another seed, another model
+    text = (out / "study.md").read_text()
+    assert "mean ± standard deviation across 2 seeds" in text and "(0, 1)" in text
+    robust = report["rows"][0]["robust"]
+    assert f"{robust['mean']:.1%} ± {robust['std'] * 100:.1f}" in text

@@ -38,7 +38,6 @@ from rapc.judge import Protocol, Verdict, judge
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import atomic_write, open_run, writable_dir
 
-MODELS = {"dense": "dense", "compressed": "model"}  # artifact name -> directory in the run (and ONNX stem)
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def exported_files(export: Path) -> list[Exported]:
     for filename, info in files.items():
         if not (export / filename).is_file():
             continue
-        model = next(k for k, v in MODELS.items() if v == info["model"])
+        model = info["model"]
         artifact = model if info["precision"] == "fp32" else f"{model}.{info['precision']}"
         engine, note = None, None
         if filename in built:
@@ -224,15 +223,16 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     paths = open_run(run)
     cfg = paths.config()
     run = paths.root
-    for directory in MODELS.values():
-        if not (run / directory / WEIGHTS).is_file():
-            raise RapcError(f"{run / directory} holds no saved model; finish `rapc compress --out {run}` first")
+    directories = paths.models()
+    for directory in directories.values():
+        if not (directory / WEIGHTS).is_file():
+            raise RapcError(f"{directory} holds no saved model; finish `rapc compress --out {run}` first")
     out = writable_dir(out or paths.bench)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, cfg.seed)
     images, labels = check_set(splits, options.n_eval)
-    input_shape = tuple(read_architecture(paths.model).input_shape)
-    models = {name: load_model(run / directory).eval() for name, directory in MODELS.items()}
+    input_shape = tuple(read_architecture(paths.compressed).input_shape)
+    models = {name: load_model(directory).eval() for name, directory in directories.items()}
     example = images[:2]
 
     exported = exported_files(paths.export)
@@ -248,14 +248,14 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     protocol = bench_protocol(cfg.attack.eval, options.attacks, options.pgd, options.n_ensemble, cfg.seed)
     robustness = {
         name: _robustness(model, images, labels, protocol, splits.info.num_classes, device, out / "attacks" / f"{name}.pt",
-                          _attack_key(protocol, len(labels), run / MODELS[name] / WEIGHTS), reporter, name)
+                          _attack_key(protocol, len(labels), directories[name] / WEIGHTS), reporter, name)
         for name, model in models.items()
     }
     replays = _replays(targets, robustness, labels, reporter)
 
     latencies = measure_backends(runnable, options.batch_sizes, options.timing, reporter)
 
-    figures = {name: summary(model, example) | {"weights_bytes": (run / MODELS[name] / WEIGHTS).stat().st_size}
+    figures = {name: summary(model, example) | {"weights_bytes": (directories[name] / WEIGHTS).stat().st_size}
                for name, model in models.items()}
     by_artifact = {a.name: a for a in artifacts}
     source = {a.name: a.name.split(".")[0] for a in artifacts}

@@ -1,6 +1,6 @@
 """``rapc export``: the run's models as ONNX files, each proven faithful before it is trusted.
 
-    runs/NAME/export/model.onnx      the shrunk model
+    runs/NAME/export/compressed.onnx the compressed (shrunk) model
     runs/NAME/export/dense.onnx      the dense robust model (--dense), for side-by-side benches
     runs/NAME/export/fidelity.json   onnxruntime vs PyTorch, clean and adversarial
 """
@@ -105,7 +105,7 @@ def export_run(
     splits = load_data(cfg.data, cfg.seed)
     images, labels = check_set(splits, n_check)
     calibration = calibration_set(splits, n_calibration) if "int8" in precisions else np.empty(0)
-    targets = {"model": paths.model} | ({"dense": paths.dense} if dense else {})
+    targets = {"compressed": paths.compressed} | ({"dense": paths.dense} if dense else {})
     protocol = check_protocol(cfg)
     result = ExportResult()
     attacked_by_model: dict[str, torch.Tensor] = {}

@@ -32,7 +32,7 @@ INSTALL = "pip install 'rapc[quant]'"
 
 
 def variant_path(fp32: Path, precision: str) -> Path:
-    """model.onnx -> model.fp16.onnx; fp32 is the file itself."""
+    """compressed.onnx -> compressed.fp16.onnx; fp32 is the file itself."""
     return fp32 if precision == "fp32" else fp32.with_suffix(f".{precision}.onnx")
 
 

@@ -159,11 +159,11 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
 
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: the shrink and files use NCHW
     result = shrink(model, example, cfg.shrink)
-    save_model(result.model, replace(architecture, pruning_history=result.history), run.model)
+    save_model(result.model, replace(architecture, pruning_history=result.history), run.compressed)
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
 
     dense_report = _report(dense, data.test, cfg, example, run.dense / WEIGHTS, reporter, "dense")
-    compressed_report = _report(result.model, data.test, cfg, example, run.model / WEIGHTS, reporter, "compressed")
+    compressed_report = _report(result.model, data.test, cfg, example, run.compressed / WEIGHTS, reporter, "compressed")
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
@@ -193,8 +193,7 @@ def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Archi
                        f"stages' {stages.admm.epochs} + {stages.retrain.epochs} epochs, optimizers and schedules")
         control = copy.deepcopy(pretrained).train()
         control_trainer = replace(trainer, model=control, train_model=training_module(control, cfg, trainer.device, trainer.ranks))
-        control_trainer.stage("dense-admm", stages.admm, select_best=False)
-        control_trainer.stage("dense-retrain", stages.retrain)
+        control_trainer.budget_matched("dense-")
         control.eval().to(memory_format=torch.contiguous_format)
     if trainer.ranks.is_main and not (trainer.run.dense / ARCHITECTURE).is_file():
         save_model(control, architecture, trainer.run.dense)

@@ -129,6 +129,19 @@ class Trainer:
         state.complete = True
         self._save(name, state)
 
+    def budget_matched(self, prefix: str = "", hooks: Hooks = Hooks(), extra: Stateful | None = None) -> None:
+        """Train for the ADMM and retraining stages' epochs, eps ramps, optimizers and schedules, without
+        ADMM's penalty (stages ``{prefix}admm`` and ``{prefix}retrain``).
+
+        What a model compared with rapc's pipeline trains after its pretraining, so that it ends on the
+        same learning-rate schedule and the same full-eps epochs as the compressed model: compress's
+        dense control, and the study's rows. ``hooks`` and ``extra`` (a MaskSet's) apply in both stages.
+        Like the pipeline's ADMM stage, the first keeps its last epoch; the second its best.
+        """
+        stages = self.cfg.stages
+        self.stage(f"{prefix}admm", stages.admm, hooks, extra=extra, select_best=False)
+        self.stage(f"{prefix}retrain", stages.retrain, hooks, extra=extra)
+
     def _stage_state(self, plan: _Plan, extra: Stateful | None) -> StageState:
         """A fresh stage, or the one its checkpoint in the run directory saved."""
         attack_cfg = self.cfg.attack.train
@@ -240,6 +253,14 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     if "residuals" in record:
         line += f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}"
     return line + f"  {record['seconds']:.0f}s"
+
+
+def eps_epochs(attack: TrainAttackConfig, stage: StageConfig) -> tuple[int, int, int]:
+    """(clean, ramp, full-eps) epochs of ``stage`` as the trainer runs them (all clean when ``attack`` is none);
+    a stage that the overfitting guard stops early trains fewer."""
+    attacks = [_epoch_attack(attack, stage, epoch) for epoch in range(1, stage.epochs + 1)]
+    clean, full = sum(a is None for a in attacks), sum(a is attack for a in attacks)
+    return clean, stage.epochs - clean - full, full
 
 
 def _epoch_attack(attack: TrainAttackConfig, stage: StageConfig, epoch: int) -> TrainAttackConfig | None:

@@ -24,7 +24,8 @@ def cached(directory: Path, result_file: str, config: str, build: Callable[[Path
     directory = writable_dir(directory)
     claimed = directory / CONFIG_FILE
     if claimed.is_file() and claimed.read_text() != config:
-        raise RapcError(f"{directory} holds study work made with another config; choose another --out for this one")
+        raise RapcError(f"{directory} holds study work made with another config (or another rapc's row recipes); "
+                        "choose another --out for this one")
     done = directory / result_file
     if done.is_file():
         return json.loads(done.read_text())

@@ -1,8 +1,10 @@
-"""The contenders of a study, each a registered training recipe over the same data and epoch budget.
+"""The contenders of a study, each a registered training recipe over the same data and schedule.
 
-Two dense models are trained once per study and shared by every cell (they do not depend on
-the pruning scheme or ratio): ``dense-robust`` (the config's pretraining stage, adversarial)
-and ``dense-natural`` (the same stage on clean inputs). The rows of a cell (ratio, scheme):
+Three dense models are trained once per study and shared by every cell (they do not depend on
+the pruning scheme or ratio): ``dense-robust`` (the config's pretraining stage, adversarial),
+``dense-natural`` (the same stage on clean inputs) and ``dense-matched`` (dense-robust trained
+on, unpruned, through the ADMM and retraining stages' recipes: the budget-matched dense control
+``rapc compress`` reports). The rows of a cell (ratio, scheme):
 
     rapc               the pipeline from dense-robust: adversarial ADMM -> hard prune ->
                        masked adversarial retraining -> shrink
@@ -10,15 +12,25 @@ and ``dense-natural`` (the same stage on clean inputs). The rows of a cell (rati
     inherited          rapc's shrunk architecture (and zeros) with dense-robust's *initial* weights (the
                        channels rapc kept, sliced from the dense init: the lottery-ticket
                        "inherited init" of Ye et al.), trained adversarially
-    finetune-standard  dense-natural, pruned once by magnitude, adversarially fine-tuned with
+    finetune-standard  dense-natural, pruned once by magnitude, adversarially trained with
                        masks, shrunk (adversarial fine-tuning of a compressed standard model,
                        arXiv 2403.09441)
     oneshot-magnitude  dense-robust, pruned once by magnitude, adversarially fine-tuned with
                        masks, shrunk (no ADMM)
 
-Same budget: every row trains pretrain + admm + retrain epochs of the config in total,
-counting the shared dense model's epochs for the rows that start from one. Magnitude
-pruning is rapc's projection onto the scheme at the same ratio (largest L2 norm per filter,
+Equal schedules: every row trains through the recipes of the config's three stages once and
+in order -- the pretraining stage's epochs (its clean and eps-ramp epochs too), optimizer and
+schedule, then the ADMM stage's, then the retraining stage's -- so every row ends on the same
+learning-rate schedule and trains the same epochs at full eps (and in the ramp). A shared
+dense model is the pretraining of the rows that start from it. Rows differ only in where they
+start (a random or inherited init, a dense model), where they prune (ADMM during the ADMM
+stage's epochs, by magnitude before the first epoch at eps, or rapc's final architecture from
+the start) and in ADMM's penalty, which only rapc trains with. finetune-standard starts from
+dense-natural, which had no adversarial epoch: it runs all three recipes after pruning, and
+the natural model's clean epochs come on top (the table's epochs column shows them). Each row
+records its phases (``Phase``) in row.json's ``schedule``.
+
+Magnitude pruning is rapc's projection onto the scheme at the same ratio (largest L2 norm per filter,
 column or channel, summed over coupled layers as torch-pruning's group magnitude importance
 does), so for filter and channel schemes the pruned rows have rapc's architecture exactly.
 
@@ -28,13 +40,14 @@ A row only trains; ``evaluation.py`` measures every row's final model the same w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from rapc.config import Config, StageConfig, validate
+from rapc.config import Config, validate
 from rapc.data import Splits, load_data
 from rapc.modelio import Architecture, load_model, read_architecture, save_model
 from rapc.device import resolve_device, seed_everything
@@ -45,20 +58,70 @@ from rapc.pipeline.masks import MaskSet, hard_prune
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
 from rapc.pipeline.speed import training_module
-from rapc.pipeline.trainer import RunData, Trainer
+from rapc.pipeline.trainer import RunData, Trainer, eps_epochs
 from rapc.progress import Reporter
 from rapc.registry import Registry
-from rapc.rundir import RunDir
+from rapc.rundir import RunDir, RunPaths
 
-MODEL = "model"  # every row's final model directory, inside the row's directory
+MODEL = "model"  # the final model's directory inside a row's directory (the rapc row's is its run's compressed/)
+
+
+# The version of the rows' training recipes: a row directory claimed by another (study-config.yaml)
+# is refused, not mixed into a study whose rows train otherwise. 2: equal schedules (every row runs
+# the pretrain, ADMM and retraining stages' recipes), dense-matched.
+RECIPES = 2
+AFTER_PRETRAINING = ("admm", "retrain")  # the stages Trainer.budget_matched runs, in order
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a row: which config stage's recipe it ran, and how that recipe trains."""
+
+    name: str  # as the report's epochs column shows it
+    stage: str  # the config stage whose epochs, clean and eps-ramp epochs, optimizer and schedule it ran
+    epochs: int
+    clean_epochs: int
+    ramp_epochs: int  # eps growing towards its value
+    full_eps_epochs: int
+    optimizer: str
+    lr: float
+    schedule: str
+    shared: bool = False  # trained once in a shared dense model, not by the row itself
+
+
+def phases(cfg: Config, *stages: str, name: str | None = None, shared: bool = False) -> tuple[Phase, ...]:
+    """The phases that run ``stages`` of ``cfg`` (on clean inputs throughout if its training attack is none)."""
+    out = []
+    for stage in stages:
+        config = getattr(cfg.stages, stage)
+        clean, ramp, full = eps_epochs(cfg.attack.train, config)
+        out.append(Phase(name or stage, stage, config.epochs, clean, ramp, full, config.optimizer.name,
+                         config.optimizer.lr, config.schedule.name, shared))
+    return tuple(out)
+
+
+def at_eps(schedule: list[dict]) -> list[dict]:
+    """A recorded schedule's adversarial phases, without their names: what the rows of a study must share
+    (the clean epochs before them and which phases were shared may differ)."""
+    return [{k: v for k, v in phase.items() if k not in ("name", "shared")}
+            for phase in schedule if phase["ramp_epochs"] + phase["full_eps_epochs"] > 0]
 
 
 @dataclass(frozen=True)
 class Trained:
-    """How a row was trained; its final model is saved in ``directory / MODEL``."""
+    """How a row was trained; its final model is saved in ``final_model(directory)``."""
 
-    epochs: dict[str, int]  # per training phase, shared dense epochs included
+    phases: tuple[Phase, ...]  # in order, shared dense phases included
     recipe: str  # one line for the report
+
+    @property
+    def epochs(self) -> dict[str, int]:
+        """Epochs per phase, as the report's epochs column shows them."""
+        return {f"{p.name} (shared)" if p.shared else p.name: p.epochs for p in self.phases}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "recipe": self.recipe, "schedule": [asdict(p) for p in self.phases],
+                "full_eps_epochs": sum(p.full_eps_epochs for p in self.phases)}
 
 
 @dataclass(frozen=True)
@@ -79,19 +142,32 @@ DENSE: Registry[Builder] = Registry("shared dense model")
 ROWS: Registry[Builder] = Registry("study row")
 
 
+def final_model(directory: Path) -> Path:
+    """Where a row's final model is saved: the rapc row runs `rapc compress` in its directory (a run
+    directory, with its config.yaml), whose compressed model is in ``compressed/``; the rows trained
+    here save theirs in ``directory / MODEL``."""
+    run = RunPaths(directory)
+    return run.compressed if run.config_path.is_file() else directory / MODEL
+
+
 def budget(cfg: Config) -> int:
     stages = cfg.stages
     return stages.pretrain.epochs + stages.admm.epochs + stages.retrain.epochs
 
 
-def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, name: str, stage: StageConfig,
-           masks: MaskSet | None = None) -> None:
-    """One stage of ``model`` in ``directory``, checkpointed there (an interrupted row continues);
-    with ``masks``, masked training that keeps their zeros."""
+def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, masks: MaskSet | None = None, *,
+           pretrain: bool = True, after_pretraining: bool = True) -> None:
+    """``model`` trained through the pretraining stage's recipe, then the ADMM and retraining stages' (without
+    ADMM's penalty), or only one of the two parts; checkpointed in ``directory`` (an interrupted row continues).
+    With ``masks``, masked training that keeps their zeros."""
     cfg, device = cell.cfg, next(model.parameters()).device
     trainer = Trainer(cfg, model, device, RunDir(directory), data.train, data.val, data.guard_batch, cell.reporter,
                       train_model=training_module(model, cfg, device, Ranks()))
-    trainer.stage(name, stage, masks.hooks() if masks is not None else Hooks(), extra=masks)
+    hooks = masks.hooks() if masks is not None else Hooks()
+    if pretrain:
+        trainer.stage("pretrain", cfg.stages.pretrain, hooks, extra=masks)
+    if after_pretraining:
+        trainer.budget_matched("", hooks, extra=masks)
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: files and the shrink use NCHW
 
 
@@ -106,9 +182,16 @@ def _dense(cell: Cell, directory: Path, cfg: Config, recipe: str) -> Trained:
     splits = _to_dense_init(cfg)
     architecture = Architecture.for_data(cfg.model, splits.info)
     model = architecture.build(allow_import=cfg.model.allow_import).to(device)
-    _train(replace(cell, cfg=cfg), directory, model, RunData.make(cfg, splits, device), "pretrain", cfg.stages.pretrain)
+    _train(replace(cell, cfg=cfg), directory, model, RunData.make(cfg, splits, device), after_pretraining=False)
     save_model(model, architecture, directory / MODEL)
-    return Trained({"pretrain": cfg.stages.pretrain.epochs}, recipe)
+    return Trained(phases(cfg, "pretrain"), recipe)
+
+
+def _natural(cfg: Config) -> Config:
+    """``cfg`` with its training attack off: every epoch on clean inputs."""
+    data = cfg.model_dump(mode="json")
+    data["attack"]["train"]["method"] = "none"
+    return validate(data, "the naturally trained dense model")
 
 
 @DENSE.register("dense-robust")
@@ -118,9 +201,21 @@ def robust_dense(cell: Cell, directory: Path) -> Trained:
 
 @DENSE.register("dense-natural")
 def natural_dense(cell: Cell, directory: Path) -> Trained:
-    data = cell.cfg.model_dump(mode="json")
-    data["attack"]["train"]["method"] = "none"
-    return _dense(cell, directory, validate(data, "the naturally trained dense model"), "the config's pretraining stage on clean inputs")
+    return _dense(cell, directory, _natural(cell.cfg), "the config's pretraining stage on clean inputs")
+
+
+@DENSE.register("dense-matched")
+def matched_dense(cell: Cell, directory: Path) -> Trained:
+    """dense-robust trained on, unpruned, as ``rapc compress`` trains its dense control (Trainer.budget_matched):
+    the dense model with the compressed rows' schedule and full-eps epochs."""
+    cfg = cell.cfg
+    base = cell.model_of("dense-robust")
+    model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
+    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device),
+           pretrain=False)
+    save_model(model, read_architecture(base), directory / MODEL)
+    return Trained(phases(cfg, "pretrain", shared=True) + phases(cfg, *AFTER_PRETRAINING),
+                   "dense-robust -> the ADMM and retraining stages' recipes, unpruned (rapc compress's budget-matched dense control)")
 
 
 @ROWS.register("rapc", marker="o", summary="the pipeline")
@@ -135,8 +230,7 @@ def rapc_row(cell: Cell, directory: Path) -> Trained:
         resume(directory, cell.reporter)
     else:
         compress(cfg, directory, cell.reporter)
-    stages = cell.cfg.stages
-    return Trained({"pretrain (shared)": stages.pretrain.epochs, "admm": stages.admm.epochs, "retrain": stages.retrain.epochs},
+    return Trained(phases(cell.cfg, "pretrain", shared=True) + phases(cell.cfg, *AFTER_PRETRAINING),
                    "dense-robust -> adversarial ADMM -> hard prune -> masked adversarial retraining -> shrink")
 
 
@@ -160,63 +254,62 @@ def _zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p != 0 for name, p in model.named_parameters() if p.dim() > 1 and not p.all()}
 
 
-def _from_init(cell: Cell, directory: Path, name: str, fresh: bool, recipe: str) -> Trained:
-    """rapc's shrunk architecture and zeros, trained adversarially for the whole budget from an initialisation."""
+def _from_init(cell: Cell, directory: Path, fresh: bool, recipe: str) -> Trained:
+    """rapc's shrunk architecture and zeros, trained adversarially through all three stages' recipes from an initialisation."""
     cfg = cell.cfg
     rapc = cell.model_of("rapc")
     shrunk, device = read_architecture(rapc), resolve_device(cfg.device)
     model = initial_shrunk(cfg, shrunk, device, fresh)
     masks = MaskSet(model, _zero_pattern(load_model(rapc, allow_import=cfg.model.allow_import)))
     masks.apply()
-    epochs = budget(cfg)
-    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), name,
-           cfg.stages.pretrain.model_copy(update={"epochs": epochs}), masks)
+    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), masks)
     save_model(model, shrunk, directory / MODEL)
-    return Trained({name: epochs}, recipe)
+    return Trained(phases(cfg, "pretrain", *AFTER_PRETRAINING), recipe)
 
 
 @ROWS.register("scratch", marker="s", summary="rapc's shrunk architecture, random init")
 def scratch_row(cell: Cell, directory: Path) -> Trained:
-    return _from_init(cell, directory, "scratch", fresh=True,
-                      recipe="rapc's shrunk architecture, fresh random init, the pretraining stage's recipe for the whole budget")
+    return _from_init(cell, directory, fresh=True,
+                      recipe="rapc's shrunk architecture, fresh random init, the pretraining, ADMM and retraining stages' recipes (no ADMM penalty)")
 
 
 @ROWS.register("inherited", marker="^", summary="rapc's shrunk architecture, the dense model's initial weights")
 def inherited_row(cell: Cell, directory: Path) -> Trained:
-    return _from_init(cell, directory, "inherited", fresh=False,
-                      recipe="rapc's shrunk architecture, dense-robust's initial weights of the kept channels, the pretraining stage's recipe for the whole budget")
+    return _from_init(cell, directory, fresh=False,
+                      recipe="rapc's shrunk architecture, dense-robust's initial weights of the kept channels, the pretraining, "
+                             "ADMM and retraining stages' recipes (no ADMM penalty)")
 
 
-def _pruned_and_finetuned(cell: Cell, directory: Path, dense: str, stage: StageConfig) -> None:
-    """``dense`` pruned once to the cell's scheme and ratio by magnitude, fine-tuned with masks, shrunk."""
+def _pruned_and_finetuned(cell: Cell, directory: Path, dense: str, pretrain: bool) -> None:
+    """``dense`` pruned once to the cell's scheme and ratio by magnitude, trained with masks through the
+    stages' recipes after pretraining (and the pretraining stage's first if ``pretrain``), shrunk."""
     cfg = cell.cfg
     base = cell.model_of(dense)
     model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
     data = RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device)
     masks = hard_prune(model, Projector(model, data.example, cfg.pruning))
-    _train(cell, directory, model, data, "finetune", stage, masks)
+    _train(cell, directory, model, data, masks, pretrain=pretrain)
     result = shrink(model, data.example, cfg.shrink)
     save_model(result.model, replace(read_architecture(base), pruning_history=result.history), directory / MODEL)
 
 
 @ROWS.register("finetune-standard", marker="v", summary="natural dense, magnitude pruned, adversarially fine-tuned")
 def finetune_standard_row(cell: Cell, directory: Path) -> Trained:
-    stages = cell.cfg.stages
-    epochs = stages.admm.epochs + stages.retrain.epochs
-    # the natural model is not robust yet: fine-tuning ramps eps up as pretraining does
-    stage = stages.retrain.model_copy(update={"epochs": epochs, "eps_ramp_epochs": stages.pretrain.eps_ramp_epochs})
-    _pruned_and_finetuned(cell, directory, "dense-natural", stage)
-    return Trained({"pretrain natural (shared)": stages.pretrain.epochs, "finetune": epochs},
-                   "dense-natural -> one-shot magnitude pruning -> masked adversarial fine-tuning (retraining recipe, pretraining's eps ramp) -> shrink")
+    # The natural model has had no adversarial epoch: after pruning it runs the pretraining stage's recipe
+    # too (its clean epochs and eps ramp), so that it trains at eps exactly as the other rows do.
+    _pruned_and_finetuned(cell, directory, "dense-natural", pretrain=True)
+    return Trained(phases(_natural(cell.cfg), "pretrain", name="pretrain natural", shared=True)
+                   + phases(cell.cfg, "pretrain", *AFTER_PRETRAINING),
+                   "dense-natural -> one-shot magnitude pruning -> masked adversarial training through the pretraining, ADMM "
+                   "and retraining stages' recipes (no ADMM penalty) -> shrink")
 
 
 @ROWS.register("oneshot-magnitude", marker="D", summary="robust dense, magnitude pruned, adversarially fine-tuned")
 def oneshot_row(cell: Cell, directory: Path) -> Trained:
-    stages = cell.cfg.stages
-    epochs = stages.admm.epochs + stages.retrain.epochs
-    _pruned_and_finetuned(cell, directory, "dense-robust", stages.retrain.model_copy(update={"epochs": epochs}))
-    return Trained({"pretrain (shared)": stages.pretrain.epochs, "finetune": epochs},
-                   "dense-robust -> one-shot magnitude pruning -> masked adversarial fine-tuning (retraining recipe) -> shrink")
+    _pruned_and_finetuned(cell, directory, "dense-robust", pretrain=False)
+    return Trained(phases(cell.cfg, "pretrain", shared=True) + phases(cell.cfg, *AFTER_PRETRAINING),
+                   "dense-robust -> one-shot magnitude pruning -> masked adversarial fine-tuning through the ADMM and "
+                   "retraining stages' recipes (no ADMM penalty) -> shrink")
 
 
 DEFAULT_ROWS = tuple(ROWS)  # a study runs every registered row, in registration order, unless --rows names some

@@ -20,7 +20,7 @@ def artifacts(digits_run, tmp_path_factory):
     export_run(run, dense=True, n_check=20)
     return [
         Artifact("dense", load_model(run / "dense"), (1, 8, 8), onnx=run / "export" / "dense.onnx"),
-        Artifact("compressed", load_model(run / "model"), (1, 8, 8), onnx=run / "export" / "model.onnx"),
+        Artifact("compressed", load_model(run / "compressed"), (1, 8, 8), onnx=run / "export" / "compressed.onnx"),
     ]
 
 

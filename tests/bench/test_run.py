@@ -24,7 +24,7 @@ def benched(digits_run, tmp_path_factory):
 
 def test_onnxruntime_replay_matches_pytorch_robust_accuracy_within_half_a_point(benched):
     _, report = benched
-    for onnx, model in (("model.onnx", "compressed"), ("dense.onnx", "dense")):
+    for onnx, model in (("compressed.onnx", "compressed"), ("dense.onnx", "dense")):
         replayed = report["replay"][onnx]["accuracy"]
         on_torch = {a["name"]: a["accuracy"] for a in report["robustness"][model]["attacks"]}
         assert set(replayed) == set(on_torch) | {"all"}
@@ -32,7 +32,7 @@ def test_onnxruntime_replay_matches_pytorch_robust_accuracy_within_half_a_point(
             assert abs(replayed[attack] - accuracy) <= 0.005, (onnx, attack)
         assert abs(replayed["all"] - report["robustness"][model]["worst_case"]) <= 0.005
     assert report["robustness"]["compressed"]["worst_case"] < report["robustness"]["compressed"]["attacks"][0]["accuracy"]
-    int8 = report["replay"]["model.int8.onnx"]
+    int8 = report["replay"]["compressed.int8.onnx"]
     assert int8["precision"] == "int8" and 0 < int8["accuracy"]["all"] <= int8["accuracy"]["clean"]
 
 
@@ -93,7 +93,7 @@ def test_report_files_are_written_and_the_plots_open(benched):
     assert json.loads((out / "bench.json").read_text())["replay"] == report["replay"]
     md = (out / "report.md").read_text()
     for heading in ("## Accuracy on PyTorch", "## The PyTorch adversarial images replayed", "## Speedup over the dense model",
-                    "## Latency", "## Per layer", "## Skipped backends", "| model.int8.onnx | onnxruntime |"):
+                    "## Latency", "## Per layer", "## Skipped backends", "| compressed.int8.onnx | onnxruntime |"):
         assert heading in md
     for name in ("robust_vs_latency.png", "layers.png"):
         image = matplotlib.image.imread(out / name)

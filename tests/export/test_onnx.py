@@ -23,7 +23,7 @@ def exported(digits_run):
 
 def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
     files = sorted(p.name for p in (digits_run / "export").iterdir())
-    assert files == ["dense.onnx", "fidelity.json", "model.onnx"]  # no external .onnx.data
+    assert files == ["compressed.onnx", "dense.onnx", "fidelity.json"]  # no external .onnx.data
     graph = onnx.load(str(exported.files[0]))
     onnx.checker.check_model(graph)
     assert graph.opset_import[0].version >= 17
@@ -33,7 +33,7 @@ def test_export_writes_one_self_contained_file_per_model(digits_run, exported):
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_onnxruntime_runs_every_batch_size_and_matches_pytorch(digits_run, exported, batch):
-    model = load_model(digits_run / "model")
+    model = load_model(digits_run / "compressed")
     images = torch.rand(batch, 1, 8, 8).numpy()
     np.testing.assert_allclose(OnnxRuntimeRunner(exported.files[0]).infer(images), TorchRunner(model).infer(images), atol=1e-5)
 
@@ -41,14 +41,14 @@ def test_onnxruntime_runs_every_batch_size_and_matches_pytorch(digits_run, expor
 def test_fidelity_report_covers_clean_and_adversarial_inputs(digits_run, exported):
     report = json.loads((digits_run / "export" / "fidelity.json").read_text())
     summary = json.loads((digits_run / "summary.json").read_text())
-    for name in ("model.onnx", "dense.onnx"):
+    for name in ("compressed.onnx", "dense.onnx"):
         entry = report["artifacts"][name]
         assert entry["passed"] and entry["precision"] == "fp32"
         for kind in ("clean", "adversarial"):
             assert entry[kind]["n"] == 200 and entry[kind]["max_abs_diff"] <= 1e-4 and entry[kind]["top1_agreement"] == 1.0
         # The PGD examples really attack: accuracy on them is far below clean accuracy.
         assert entry["adversarial"]["accuracy"] < entry["clean"]["accuracy"] - 0.1
-    assert report["artifacts"]["model.onnx"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
+    assert report["artifacts"]["compressed.onnx"]["clean"]["accuracy"] == pytest.approx(summary["compressed"]["clean"], abs=0.06)
 
 
 def test_fidelity_report_names_the_judges_pgd_that_crafted_the_adversarial_inputs(digits_run, exported):
@@ -64,21 +64,21 @@ def test_an_unfaithful_export_fails_loudly_and_is_recorded(digits_run, tmp_path,
     real_export = artifacts.export_onnx
 
     def export_another_model(model, input_shape, path):
-        other = load_model(digits_run / "model")
+        other = load_model(digits_run / "compressed")
         with torch.no_grad():
             other.fc2.bias.add_(0.01)  # a small drift, as a broken exporter or runtime would cause
         return real_export(other, input_shape, path)
 
     monkeypatch.setattr(artifacts, "export_onnx", export_another_model)
-    with pytest.raises(RapcError, match="fidelity check failed for model.onnx"):
+    with pytest.raises(RapcError, match="fidelity check failed for compressed.onnx"):
         export_run(run, n_check=50)
     report = json.loads((run / "export" / "fidelity.json").read_text())
-    assert report["artifacts"]["model.onnx"]["passed"] is False
-    assert report["artifacts"]["model.onnx"]["clean"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+    assert report["artifacts"]["compressed.onnx"]["passed"] is False
+    assert report["artifacts"]["compressed.onnx"]["clean"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_batch_one_examples_do_not_freeze_the_batch_dimension(digits_run, tmp_path):
-    path = export_onnx(load_model(digits_run / "model"), [1, 8, 8], tmp_path / "m.onnx")
+    path = export_onnx(load_model(digits_run / "compressed"), [1, 8, 8], tmp_path / "m.onnx")
     assert OnnxRuntimeRunner(path).infer(np.random.rand(5, 1, 8, 8).astype(np.float32)).shape == (5, 10)
 
 
@@ -98,7 +98,7 @@ def test_export_command_prints_the_files_and_fails_cleanly_on_a_non_run(digits_r
 
     run = shutil.copytree(digits_run, tmp_path / "run")
     result = CliRunner().invoke(main, ["export", str(run), "--n-check", "20"])
-    assert result.exit_code == 0 and "model.onnx" in result.stdout
+    assert result.exit_code == 0 and "compressed.onnx" in result.stdout
     result = CliRunner().invoke(main, ["export", str(tmp_path / "run" / "export")])
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "not a run directory" in result.stderr
     help_text = CliRunner().invoke(main, ["export", "--help"]).stdout
@@ -144,8 +144,8 @@ def test_shrunk_cifar_models_export_with_a_dynamic_batch_and_match_pytorch(name,
 def test_out_option_writes_elsewhere_and_a_run_without_model_is_an_error(digits_run, tmp_path):
     run = Path(shutil.copytree(digits_run, tmp_path / "run"))
     result = export_run(run, n_check=20, out=tmp_path / "elsewhere")
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["fidelity.json", "model.onnx"]
-    assert result.files == [tmp_path / "elsewhere" / "model.onnx"]
-    shutil.rmtree(run / "model")
-    with pytest.raises(RapcError, match=r"run/model does not exist"):
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["compressed.onnx", "fidelity.json"]
+    assert result.files == [tmp_path / "elsewhere" / "compressed.onnx"]
+    shutil.rmtree(run / "compressed")
+    with pytest.raises(RapcError, match=r"run/compressed does not exist"):
         export_run(run, n_check=20)

@@ -23,19 +23,19 @@ def variants(digits_run, tmp_path_factory):
 
 def test_fp16_variant_has_fp16_weights_and_float32_io(variants):
     files, report = variants
-    graph = onnx.load(str(files["model.fp16.onnx"]))
+    graph = onnx.load(str(files["compressed.fp16.onnx"]))
     assert graph.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     weights = [w for w in graph.graph.initializer if len(w.dims) > 1]
     assert weights and all(w.data_type == TensorProto.FLOAT16 for w in weights)
-    entry = report["model.fp16.onnx"]
+    entry = report["compressed.fp16.onnx"]
     assert entry["reference"].startswith("onnxruntime") and entry["clean"]["top1_agreement"] >= 0.99
     assert 0 < entry["clean"]["max_abs_diff"] < 0.05  # really computed in fp16, and close
 
 
 def test_int8_variant_is_symmetric_explicit_quantization(variants):
     files, report = variants
-    graph = onnx.load(str(files["model.int8.onnx"]))
+    graph = onnx.load(str(files["compressed.int8.onnx"]))
     ops = Counter(n.op_type for n in graph.graph.node)
     assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 2
     initializers = {i.name: i for i in graph.graph.initializer}
@@ -43,14 +43,14 @@ def test_int8_variant_is_symmetric_explicit_quantization(variants):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) == 3 and node.input[2] in initializers:
             zero_point = numpy_helper.to_array(initializers[node.input[2]])
             assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric int8, as TensorRT requires
-    entry = report["model.int8.onnx"]
+    entry = report["compressed.int8.onnx"]
     assert entry["clean"]["top1_agreement"] >= 0.95 and entry["adversarial"]["top1_agreement"] >= 0.9
     # Robustness is measured on the quantized file itself, on the same PGD examples.
     assert entry["adversarial"]["accuracy"] < entry["clean"]["accuracy"]
-    assert abs(entry["adversarial"]["accuracy"] - report["model.onnx"]["adversarial"]["accuracy"]) < 0.1
+    assert abs(entry["adversarial"]["accuracy"] - report["compressed.onnx"]["adversarial"]["accuracy"]) < 0.1
 
 
 def test_missing_model_optimizer_is_a_one_line_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "modelopt.onnx.autocast", None)  # as if not installed
     with pytest.raises(RapcError, match=r"rapc\[quant\]"):
-        to_fp16(tmp_path / "model.onnx")
+        to_fp16(tmp_path / "compressed.onnx")

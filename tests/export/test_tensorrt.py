@@ -19,7 +19,7 @@ tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx (TensorR
 
 
 def test_profile_spans_batch_one_to_max_and_tunes_for_a_power_of_two(tmp_path):
-    spec = EngineSpec(tmp_path / "model.fp16.onnx", (3, 32, 32), max_batch=100)
+    spec = EngineSpec(tmp_path / "compressed.fp16.onnx", (3, 32, 32), max_batch=100)
     assert spec.profile() == ((1, 3, 32, 32), (64, 3, 32, 32), (100, 3, 32, 32))
     assert EngineSpec(tmp_path / "m.onnx", (1, 8, 8), max_batch=24).profile()[1] == (16, 1, 8, 8)
     assert EngineSpec(tmp_path / "m.onnx", (1, 8, 8), max_batch=1).profile() == ((1, 1, 8, 8),) * 3
@@ -28,9 +28,9 @@ def test_profile_spans_batch_one_to_max_and_tunes_for_a_power_of_two(tmp_path):
 
 
 def test_engine_files_are_named_after_their_onnx_file_backend_and_target(tmp_path):
-    trt = EngineSpec(tmp_path / "model.int8.onnx", (1, 8, 8))
+    trt = EngineSpec(tmp_path / "compressed.int8.onnx", (1, 8, 8))
     rtx = EngineSpec(tmp_path / "dense.onnx", (1, 8, 8), backend="tensorrt-rtx", target="SM89")
-    assert (trt.engine.name, trt.timing_cache.name) == ("model.int8.trt.engine", "model.int8.trt.timing.cache")
+    assert (trt.engine.name, trt.timing_cache.name) == ("compressed.int8.trt.engine", "compressed.int8.trt.timing.cache")
     assert rtx.engine.name == "dense.rtx-sm89.engine"
 
 
@@ -60,7 +60,7 @@ def test_export_trt_without_tensorrt_writes_onnx_then_exits_2_with_one_line_nami
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "cannot build a TensorRT engine" in line and "pip install 'rapc[gpu]'" in line and "--trt-rtx" in line
     assert ("pip install tensorrt-rtx" in line) is not rtx_installed
-    assert (run / "export" / "model.onnx").is_file() and (run / "export" / "fidelity.json").is_file()
+    assert (run / "export" / "compressed.onnx").is_file() and (run / "export" / "fidelity.json").is_file()
     assert not list((run / "export").glob("*.engine"))  # no TensorRT-RTX engines in place of the ones asked for
 
 
@@ -74,7 +74,7 @@ def test_real_engines_build_from_fp32_fp16_and_int8_onnx(digits_run, tmp_path):
     result = export_run(run, precisions=("fp16", "int8"), n_check=64,
                         engines=EngineOptions(backend="tensorrt-rtx", max_batch=64, target="SM86"))
     engines = result.engines
-    assert set(engines) == {"model.rtx-sm86.engine", "model.fp16.rtx-sm86.engine", "model.int8.rtx-sm86.engine"}
+    assert set(engines) == {"compressed.rtx-sm86.engine", "compressed.fp16.rtx-sm86.engine", "compressed.int8.rtx-sm86.engine"}
     for name, entry in engines.items():
         path = run / "export" / name
         assert path.stat().st_size == entry["bytes"] > 10_000
@@ -125,4 +125,4 @@ def test_tensorrt_engine_runs_and_matches_onnxruntime_on_a_gpu(digits_run, tmp_p
     images = np.random.rand(7, 1, 8, 8).astype(np.float32)
     assert (run / "export" / name).with_suffix(".timing.cache").is_file()
     runner = TensorRTRunner(run / "export" / name)
-    np.testing.assert_allclose(runner.infer(images), OnnxRuntimeRunner(run / "export" / "model.onnx").infer(images), atol=1e-2)
+    np.testing.assert_allclose(runner.infer(images), OnnxRuntimeRunner(run / "export" / "compressed.onnx").infer(images), atol=1e-2)

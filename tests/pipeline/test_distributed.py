@@ -67,7 +67,7 @@ def test_two_ranks_end_with_the_masks_weights_and_metrics_of_one_rank_on_the_sam
     one, two = runs
     ours, theirs = (torch.load(r / "checkpoints" / "retrain.pt", weights_only=True)["extra"] for r in (two, one))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)  # the final masks
-    for model in ("pretrained", "dense", "model"):
+    for model in ("pretrained", "dense", "compressed"):
         a, b = load_file(two / model / "weights.safetensors"), load_file(one / model / "weights.safetensors")
         assert a.keys() == b.keys() and all(not k.startswith("module.") for k in a)
         for name in a:

@@ -103,7 +103,7 @@ def _assert_same_results(run: Path, reference: Path, loss_rel: float = 0.0) -> N
     """The same weights and masks, and the same metrics; the logged training loss up to ``loss_rel``
     where a resumed torchrun's rank 0 continued the loss summed over ranks (rounded otherwise than
     adding the ranks' sums at the end of the epoch)."""
-    for model in ("pretrained", "dense", "model"):
+    for model in ("pretrained", "dense", "compressed"):
         ours, theirs = load_file(run / model / "weights.safetensors"), load_file(reference / model / "weights.safetensors")
         assert ours.keys() == theirs.keys()
         for name in ours:
