@@ -1,4 +1,4 @@
-"""How fast rapc trains and how much memory it takes, and how much faster its shrunk models run
+"""How fast rapc trains and how much memory it takes, and how much faster its compressed (shrunk) models run
 on every inference backend, measured in one run.
 
 What is measured: the config's model on its dataset (default: the preset ``mnist-lenet-filter``,
@@ -15,7 +15,7 @@ LeNet w=16 on mnist5k, batch 64), and with ``--model NAME`` a registry model on 
    compress()'s validation and checkpoints are not part of it.
 2. Peak memory per mode and variant over ``--memory-steps`` training steps, each in a fresh
    spawned process (``rapc.bench.memory``).
-3. Inference, dense vs shrunk: the config's architecture (random weights: latency does not
+3. Inference, dense vs compressed: the config's architecture (random weights: latency does not
    depend on them) hard pruned and physically shrunk as compress() does, exported to ONNX (and
    TensorRT engines where they can run) and timed on every requested ``rapc bench`` backend per
    batch size (``rapc.bench.latency``), beside the MAC and parameter ratios.
@@ -226,7 +226,7 @@ def measure_training(subject: Subject, variants: list[tuple[str, ...]], args: ar
     }
 
 
-# --- 2. dense vs shrunk inference ---------------------------------------------------------
+# --- 2. dense vs compressed inference ---------------------------------------------------------
 
 
 def hard_prune_and_shrink(model: nn.Module, example: torch.Tensor, cfg: Config) -> tuple[nn.Module, nn.Module]:
@@ -242,9 +242,9 @@ def measure_inference(subject: Subject, batch_sizes: tuple[int, ...], args: argp
     splits = subject.splits(cfg)
     example = RunData.make(cfg, splits, torch.device("cpu")).example
     label = subject.label(cfg)
-    progress.print(f"inference {label}: hard prune + shrink, export, then dense vs shrunk per backend at batch {', '.join(map(str, batch_sizes))}")
-    dense, shrunk = hard_prune_and_shrink(Architecture.for_data(cfg.model, splits.info).build(), example, cfg)
-    models = {"dense": dense, "shrunk": shrunk}
+    progress.print(f"inference {label}: hard prune + shrink, export, then dense vs compressed per backend at batch {', '.join(map(str, batch_sizes))}")
+    dense, compressed = hard_prune_and_shrink(Architecture.for_data(cfg.model, splits.info).build(), example, cfg)
+    models = {"dense": dense, "compressed": compressed}
     figures = {name: summary(model, example) for name, model in models.items()}
     timing = TimingPolicy(warmup=args.warmup, min_iters=args.min_iters, min_seconds=args.min_seconds)
     with tempfile.TemporaryDirectory() as folder:
@@ -253,7 +253,7 @@ def measure_inference(subject: Subject, batch_sizes: tuple[int, ...], args: argp
     return {
         "subject": label, "models": figures, "timing": asdict(timing), "skipped": skipped,
         "latency": [l.as_dict() | {"noisy": l.cv > timing.cv_warning} for l in latencies],
-        "speedup": speedups(latencies, figures, {"dense": "dense", "shrunk": "shrunk"}),
+        "speedup": speedups(latencies, figures, {"dense": "dense", "compressed": "compressed"}),
     }
 
 
@@ -280,13 +280,13 @@ def inference_table(inference: dict[str, Any]) -> Table:
     speedup = {(s["backend"], s["batch"]): s for s in inference["speedup"]}
     rows = []
     for l in sorted(inference["latency"], key=lambda l: (l["backend"], l["batch"], l["artifact"])):
-        s = speedup.get((l["backend"], l["batch"])) if l["artifact"] == "shrunk" else None
+        s = speedup.get((l["backend"], l["batch"])) if l["artifact"] == "compressed" else None
         ratios = (f"{s['speedup']:.2f}x", f"{s['mac_ratio']:.2f}x", f"{s['param_ratio']:.2f}x") if s else ("", "", "")
         rows.append((l["backend"], str(l["batch"]), l["artifact"], str(l["n"]), f"{l['mean_ms']:.3f}", f"{l['p50_ms']:.3f}", f"{l['p90_ms']:.3f}",
                      f"{l['images_per_s']:,.0f}", f"{l['cv']:.0%}" + (" !" if l["noisy"] else ""), *ratios))
-    d, s = inference["models"]["dense"], inference["models"]["shrunk"]
-    title = (f"Dense vs shrunk inference, {inference['subject']} ({d['params']:,} -> {s['params']:,} params, "
-             f"{d['macs'] / 1e6:.2f} -> {s['macs'] / 1e6:.2f} MMACs); speedup = dense / shrunk mean latency, same backend, batch and run")
+    d, s = inference["models"]["dense"], inference["models"]["compressed"]
+    title = (f"Dense vs compressed inference, {inference['subject']} ({d['params']:,} -> {s['params']:,} params, "
+             f"{d['macs'] / 1e6:.2f} -> {s['macs'] / 1e6:.2f} MMACs); speedup = dense / compressed mean latency, same backend, batch and run")
     headers = ("backend", "batch", "model", "n", "mean ms", "p50 ms", "p90 ms", "images/s", "CV", "speedup", "MAC ratio", "param ratio")
     return Table(title, headers, rows, label_columns=3)
 

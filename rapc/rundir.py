@@ -106,10 +106,13 @@ class RunPaths:
     def config(self) -> Config:
         return load_config(str(self.config_path))
 
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
     def summary(self) -> dict[str, Any] | None:
         """The finished run's summary.json, or None while the run is unfinished."""
-        path = self.root / "summary.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
 
     def has_checkpoint(self, stage: str) -> bool:
         return self.checkpoint(stage).is_file()
@@ -153,8 +156,9 @@ class RunDir(RunPaths):
             raise RapcError(f"{self.root} already holds a run: `rapc compress --resume {self.root}` continues it; choose another --out for a new one")
         atomic_write(self.config_path, lambda tmp: tmp.write_text(dump_config(config)))
 
-    def write_json(self, name: str, data: Any) -> Path:
-        return atomic_write(self.root / name, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    def write_summary(self, data: Any) -> Path:
+        """Written last: its presence marks a finished run."""
+        return atomic_write(self.summary_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a") as handle:
@@ -188,8 +192,8 @@ class ReadOnlyRunDir(RunDir):
     def start(self, config: Config) -> None:
         pass
 
-    def write_json(self, name: str, data: Any) -> Path:
-        return self.root / name
+    def write_summary(self, data: Any) -> Path:
+        return self.summary_path
 
     def log(self, record: dict[str, Any]) -> None:
         pass

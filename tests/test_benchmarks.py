@@ -23,7 +23,7 @@ def test_compress_speed_prints_training_time_and_memory_and_latency_per_backend_
     done = subprocess.run([sys.executable, "benchmarks/compress_speed.py", *TINY, "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Adversarial training" in done.stdout and "Dense vs shrunk inference" in done.stdout
+    assert "Adversarial training" in done.stdout and "Dense vs compressed inference" in done.stdout
     figures = json.loads(out.read_text())
 
     (training,) = figures["training"]
@@ -35,7 +35,7 @@ def test_compress_speed_prints_training_time_and_memory_and_latency_per_backend_
 
     (inference,) = figures["inference"]
     timed = {(l["backend"], l["batch"], l["artifact"]) for l in inference["latency"]}
-    assert timed == {(b, n, a) for b in ("torch-eager", "ort-cpu") for n in (1, 8) for a in ("dense", "shrunk")}
+    assert timed == {(b, n, a) for b in ("torch-eager", "ort-cpu") for n in (1, 8) for a in ("dense", "compressed")}
     assert all(l["mean_ms"] > 0 and l["images_per_s"] > 0 for l in inference["latency"])
     assert len(inference["speedup"]) == 4
     for row in inference["speedup"]:

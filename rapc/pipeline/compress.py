@@ -167,7 +167,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
-    run.write_json("summary.json", {
+    run.write_summary({
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
         "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
         "notes": notes, "baseline": baseline, "warnings": warnings,

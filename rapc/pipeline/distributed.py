@@ -216,6 +216,11 @@ def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
         # After a run the model DDP wrapped sits in reference cycles, and with it what DDP attached to
         # it, which holds the process group. Freed only at interpreter shutdown, gloo then sometimes
         # aborted the process ("terminate called without an active exception"); collected now, it is not.
+        # The ranks also leave together: rank 0 alone shrinks and evaluates at the end, and a rank that
+        # tore its side of the group down meanwhile was seen to abort the same way.
         gc.collect()
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 

@@ -226,7 +226,7 @@ def rapc_row(cell: Cell, directory: Path) -> Trained:
     data["stages"]["pretrain"]["epochs"] = 0
     data["stages"]["dense_control"] = False  # the study trains its own dense rows
     cfg = validate(data, f"rapc row of {cell.ratio:g}x {cell.scheme}")
-    if (directory / "config.yaml").is_file():  # started before: continued from its checkpoints, or only re-read
+    if RunPaths(directory).config_path.is_file():  # started before: continued from its checkpoints, or only re-read
         resume(directory, cell.reporter)
     else:
         compress(cfg, directory, cell.reporter)
