@@ -14,7 +14,6 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from rapc.config import AttackConfig
 
@@ -139,22 +138,3 @@ def attack_batch(
 def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
     """Per-example: still classified correctly after every restart of the attack (worst case over restarts)."""
     return attack_batch(model, x, y, attack)[1]
-
-
-def evaluate(model: nn.Module, data: DataLoader, attack: AttackConfig | None, device: torch.device) -> dict[str, float]:
-    """Clean and (if an attack is given) robust top-1 accuracy, in eval mode and float32."""
-    was_training = model.training
-    model.eval()
-    clean = robust = total = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in data:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        clean = clean + _correct(model, x, y).sum()
-        if attack is not None:
-            robust = robust + robust_correct(model, x, y, attack).sum()
-        total = total + y.numel()
-    model.train(was_training)
-    n = max(int(total), 1)
-    result = {"clean": int(clean) / n}
-    if attack is not None:
-        result["robust"] = int(robust) / n
-    return result

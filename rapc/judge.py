@@ -360,10 +360,14 @@ class _Tally:
         self.images: dict[str, list[torch.Tensor]] = {}
         self.seconds: dict[str, float] = {}
         self.details: dict[str, dict[str, int]] = {}
+        self.hits: dict[str, tuple[int, int]] = {}  # still correct, seen: the running figure without re-concatenating
         self.zero_gradients = 0
 
     def add(self, name: str, correct: torch.Tensor, images: torch.Tensor, seconds: float, details: dict[str, int] | None = None) -> None:
-        self.correct.setdefault(name, []).append(correct.cpu())
+        correct = correct.cpu()
+        self.correct.setdefault(name, []).append(correct)
+        hit, seen = self.hits.get(name, (0, 0))
+        self.hits[name] = (hit + int(correct.sum()), seen + len(correct))
         if self.keep_images:
             self.images.setdefault(name, []).append(images.detach().cpu())
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -372,8 +376,8 @@ class _Tally:
             totals[part] = totals.get(part, 0) + count
 
     def running(self, name: str) -> float:
-        done = torch.cat(self.correct[name])
-        return float(done.float().mean()) if len(done) else 0.0
+        hit, seen = self.hits[name]
+        return hit / seen if seen else 0.0
 
     def result(self, name: str, label: str, like: torch.Tensor | None = None) -> AttackResult:
         correct = torch.cat(self.correct[name]) if self.correct.get(name) else torch.zeros(0, dtype=torch.bool)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rapc.attacks import attack_batch, evaluate, frozen_bn_stats, perturb, pgd, robust_correct
+from rapc.attacks import attack_batch, frozen_bn_stats, perturb, pgd, robust_correct
+from rapc.judge import select
 from rapc.config import AttackConfig
 from rapc.data import loader
 from rapc.models import create_model
@@ -99,9 +100,10 @@ def test_frozen_bn_stats_restores_momentum():
     assert bn.momentum == 0.3 and torch.equal(bn.running_mean, torch.zeros(3))
 
 
-def test_evaluate_reports_clean_and_robust_accuracy_in_eval_mode(trained_lenet, digits):
+def test_selection_reports_clean_and_robust_accuracy_in_eval_mode(trained_lenet, digits):
     trained_lenet.train()
-    result = evaluate(trained_lenet, loader(digits.test, 180, shuffle=False), AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
+    verdict = select(trained_lenet, loader(digits.test, 180, shuffle=False), AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
+    result = {"clean": verdict.clean.accuracy, "robust": verdict.robust.accuracy}
     assert trained_lenet.training  # mode restored
     trained_lenet.eval()
     assert result["clean"] > 0.9

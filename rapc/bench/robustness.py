@@ -20,9 +20,7 @@ import torch
 from rapc.config import AttackConfig
 from rapc.errors import RapcError
 from rapc.export.runners import Runner
-from rapc.judge import Protocol, Verdict, autoattack
-
-__all__ = ["LEVELS", "bench_protocol", "replay", "autoattack"]  # autoattack: the study's import, until it calls rapc.judge
+from rapc.judge import Protocol, Verdict
 
 LEVELS = {"quick": "final", "full": "full"}  # bench's --attacks -> the judge's level
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from rapc.attacks import evaluate
+from rapc.judge import select
 from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
 from rapc.data import loader
 from rapc.pipeline.loop import EpochTotals, NonFinite, SavePoints, Step, make_optimizer, make_schedule, train_epoch
@@ -15,14 +15,15 @@ def test_adversarial_epoch_trains_in_each_precision_and_evaluation_stays_float32
     data = loader(digits.train, 64, shuffle=True)
     attack = AttackConfig(method="pgd", eps=0.1, steps=3, step=0.05)
     test = loader(digits.test, 360, shuffle=False)
-    before = evaluate(model, test, AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
+    judge = AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02)
+    before = select(model, test, judge).robust.accuracy
     optimizer = make_optimizer(model.parameters(), OptimizerConfig(name="adam", lr=2e-3))
     schedule = make_schedule(optimizer, ScheduleConfig(name="constant"), len(data), 3)
     for _ in range(3):
         stats = train_epoch(model, data, Step(optimizer, schedule, attack, precision))
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    after = evaluate(model, test, AttackConfig(method="pgd", eps=0.1, steps=10, step=0.02), torch.device("cpu"))
-    assert after["robust"] > before["robust"] + 0.1, (before, after)
+    after = select(model, test, judge).robust.accuracy
+    assert after > before + 0.1, (before, after)
     assert 0 < stats["loss"] < 3 and 0 < stats["train_acc"] <= 1
 
 
