@@ -116,7 +116,8 @@ class Projector:
         self.units: list[GroupUnit | LayerUnit] = []
         grouped: set[str] = set()
         for group in self.groups:
-            for side, slots in (("out", group.producers), ("in", group.consumers)):
+            # A depthwise conv's filter c is its only reader of input channel c: it keeps input channels as a consumer does.
+            for side, slots in (("out", group.producers), ("in", group.consumers + group.depthwise)):
                 members = tuple(s for s in slots if self._channels(s.layer) == side)
                 if not members:
                     continue

@@ -1,8 +1,9 @@
 """Physical shrink: zero channels become smaller dense layers, exactly.
 
 A group channel is removed when it is dead: zero in every producer (weights,
-bias and BatchNorm scale/shift, so the channel emits exactly zero) or ignored by
-every consumer. Zeros that are not whole coupled channels stay as zeros and are
+bias and BatchNorm scale/shift, so the channel emits exactly zero), ignored by
+every consumer, or silenced by a depthwise conv that alone reads the layers
+before it. Zeros that are not whole coupled channels stay as zeros and are
 reported, so the report says how much of the sparsity became real speed.
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 from rapc.config import ShrinkConfig
 from rapc.errors import RapcError
 from rapc.graph import build_graph
-from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, output_layers
+from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, check_supported, output_layers
 
 
 @dataclass
@@ -42,6 +43,10 @@ def dead_channels(group: ChannelGroup, params: dict[str, torch.Tensor]) -> tuple
     silent = _zero(group.producers + group.attached, params, group.size) if group.producers else torch.zeros(group.size, dtype=torch.bool)
     ignored = _zero(group.consumers, params, group.size) if group.consumers else torch.zeros(group.size, dtype=torch.bool)
     dead = silent | ignored
+    for sources in group.depthwise_sources:
+        if sources:  # a silent depthwise conv cuts off the layers only it reads: they need not be zero
+            after = tuple(s for s in group.producers + group.attached if s.layer not in sources and s.owner not in sources)
+            dead |= _zero(after, params, group.size)
     notes = []
     for slot in group.producers:
         partial = (slot.gather(params[slot.param], group.size).cpu() == 0) & ~dead
@@ -65,6 +70,7 @@ def _max_abs_diff(a: nn.Module, b: nn.Module, batch: torch.Tensor) -> float:
 
 def shrink(model: nn.Module, batch: torch.Tensor, cfg: ShrinkConfig) -> ShrinkResult:
     """A copy of ``model`` with its dead channels removed; fails above ``cfg.tolerance`` max abs diff."""
+    check_supported(model)
     was_training = model.training
     model.eval()
     shrunk = copy.deepcopy(model)
