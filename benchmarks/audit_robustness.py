@@ -51,13 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--n", type=int, default=1000, help="first N test images")
+    parser.add_argument("--models", default=None, help="comma-separated models of the run (default: all)")
     args = parser.parse_args()
     run = open_run(args.run)
     cfg = run.config()
     images, labels = zip(*loader(head(load_data(cfg.data, cfg.seed).test, args.n), 500, shuffle=False))
     x, y = torch.cat(images), torch.cat(labels)
     summary = run.summary() or {}
+    wanted = args.models.split(",") if args.models else None
     for name, directory in run.models().items():
+        if wanted is not None and name not in wanted:
+            continue
         start = time.perf_counter()
         figures = audit(load_model(directory), x, y, cfg.attack.eval.eps, cfg.seed)
         reported = summary.get(name, {}).get("judge", {}).get("robust", {})

@@ -76,3 +76,37 @@ def test_the_outside_audit_finds_what_rapc_reports_within_two_points(digits_run)
         assert reported["n"] == record["n"] == 360
         assert reported["accuracy"] <= audit["worst case"] + 0.02, record
         assert audit["worst case"] < audit["clean"]  # the attacks really lower accuracy
+
+
+def test_time_to_robustness_tables_and_plots_every_recipe_and_a_rerun_reuses_the_finished_points(tmp_path):
+    """Two recipes at one budget on digits: the table, the plot and each point's point.json; run again,
+    nothing is trained and the same table comes back."""
+    command = [sys.executable, "benchmarks/time_to_robustness.py", "--config", "digits-lenet-filter", "--recipes", "preset,fgsm-rs",
+               "--multipliers", "1", "--n", "40", "--threads", "1", "--min-clean", "0", "--min-mac-ratio", "3", "--out", str(tmp_path),
+               *(f"--set={o}" for o in ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1",
+                                        "stages.retrain.epochs=1", "eval.n_val=100"))]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "pretrain 1/2" in first.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert table in first.stdout
+    for recipe in ("preset", "fgsm-rs"):
+        assert f"| {recipe} | x1 | 2+1+1 |" in table
+    assert "dense_control=false" in table and "\npick: " in table and "pick: none" not in table
+    assert (tmp_path / "time_to_robustness.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    points = {r: json.loads((tmp_path / f"{r}-x1" / "point.json").read_text()) for r in ("preset", "fgsm-rs")}
+    for recipe, point in points.items():
+        assert point["recipe"] == recipe and point["epochs"] == "2+1+1" and point["seconds"] > 0 and point["mac_ratio"] > 3
+        assert point["config"]["stages"]["dense_control"] is False
+        for attack in ("clean", "pgd", "ensemble"):
+            assert point[attack]["n"] == 40 and 0 <= point[attack]["accuracy"] <= 1 and point[attack]["stderr"] >= 0
+        assert point["ensemble"]["label"].startswith("ensemble PGD-10x2") and point["ensemble"]["accuracy"] <= point["pgd"]["accuracy"]
+    assert points["fgsm-rs"]["config"]["attack"]["train"]["method"] == "fgsm" and points["fgsm-rs"]["overrides"][0] == "attack.train.method=fgsm"
+
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*") if p.is_file()}
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("finished before") == 2 and "pretrain 1/2" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert (tmp_path / "table.md").read_text() == table

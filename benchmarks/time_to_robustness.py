@@ -1,0 +1,564 @@
+"""Robust accuracy against wall-clock time for rapc's whole pipeline under several training recipes
+(issue 11, item 5), to choose the default preset: the recipe and epochs that give the compressed
+model the highest ensemble accuracy within the default's time budget.
+
+What is measured: for every recipe (a named list of config overrides on top of ``--config``, the
+table ``RECIPES`` below) and every budget multiplier (each stage's epochs, clean epochs and eps
+ramp scaled by it, rounded, at least 1), one ``compress()`` run in its own directory
+``OUT/<recipe>-x<multiplier>/``. One run is one point:
+
+- seconds: wall-clock (time.perf_counter) of the whole pipeline: data loading, pretraining, ADMM,
+  hard prune, masked retraining, each epoch with its validation, shrink and saving; the final
+  judging is excluded (timed apart, as judge_seconds in point.json);
+- the compressed model's MAC ratio (dense / compressed) and its clean, PGD and ensemble (PGD +
+  APGD-CE + APGD-T) accuracy under rapc's judge (``judge.final_protocol`` of the config's
+  ``attack.eval``), with each attack's label, n and standard error, all on the first ``--n`` test
+  images: the same images for every figure and every point.
+
+Every run sets ``stages.dense_control=false``: the benchmark compares compressed models, and the
+dense control would double the training time. compress()'s own judging runs its ensemble on one
+image; the script judges the compressed model itself on all ``--n``, as compress() would with
+``eval.n_ensemble=N``, so the dense model's ensemble, which nothing here uses, costs no time.
+
+A point is eligible with at least ``--min-mac-ratio`` (3.8) times fewer MACs than the dense model
+and clean accuracy at least ``--min-clean`` (95%); the pick is the eligible point with the highest
+ensemble accuracy within ``--time-budget`` seconds (``preset``: the preset recipe's own seconds at
+x1, + 20% for timing noise: the default's time budget on this machine with these threads).
+
+Points are the unit of work, run budget by budget: a finished point keeps its ``point.json`` and
+is never run again; an interrupted one continues from its last checkpoint
+(``rapc.pipeline.compress.resume``), its seconds adding up the segments, the work a resume redoes
+counted once. So a long measurement can run in the background, be stopped and be started again
+with the same command; ``--finished-only`` tables the points finished so far and trains nothing.
+
+    .venv/bin/python benchmarks/time_to_robustness.py --threads 1
+    .venv/bin/python benchmarks/time_to_robustness.py --recipes preset,paper --multipliers 1,2 --n 200
+
+Output: a Markdown table (printed, and OUT/table.md), the pick in one line with its overrides,
+and OUT/time_to_robustness.png (ensemble accuracy vs seconds, one curve per recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rapc import judge
+from rapc.config import DEFAULT_PRESET, Config, StageConfig, load_config, validate
+from rapc.data import head, load_data, loader
+from rapc.device import resolve_device
+from rapc.errors import RapcError
+from rapc.modelio import load_model
+from rapc.pipeline.compress import STAGES, CompressResult, compress, resume
+from rapc.progress import Reporter, RichReporter, log_console
+from rapc.rundir import RunDir, RunPaths, atomic_write
+from rapc.tables import Table
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    overrides: tuple[str, ...]  # on top of --config and --set; the budget's epochs come after them
+
+
+TRAINED_STAGES = ("pretrain", "admm", "retrain")
+
+
+def _every_stage(*settings: str) -> tuple[str, ...]:
+    return tuple(f"stages.{stage}.{setting}" for stage in TRAINED_STAGES for setting in settings)
+
+
+# The recipes compared, the reference first and the costliest last (a partial run has the cheap ones); adding
+# one is one entry. Each keeps the config's eval attack (the judge), data and model.
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("preset", "the config as it is", ()),
+    Recipe("fgsm-rs", "FGSM with a random start, step 1.25*eps, with the catastrophic-overfitting guard",
+           ("attack.train.method=fgsm", "attack.train.step=null", "attack.train.random_start=true",
+            "attack.train.guard.enabled=true")),
+    Recipe("pgd-decay", "the config's PGD-k with a cosine learning-rate schedule in every stage",
+           _every_stage("schedule={name: cosine}")),
+    Recipe("paper", "the paper's MNIST recipe: PGD-40 step 0.01, SGD lr 0.01 (momentum 0.9, constant) in every stage, "
+           "ADMM rho 1e-3 x1.3 every epoch; the config's clean and ramp epochs",
+           ("attack.train.method=pgd", "attack.train.steps=40", "attack.train.step=0.01",
+            *_every_stage("optimizer={name: sgd, lr: 0.01, momentum: 0.9}", "schedule={name: constant}"),
+            "admm.rho=0.001", "admm.rho_multiplier=1.3", "admm.update_every=1", "admm.update_unit=epoch")),
+)}
+
+PRESET_BUDGET = "preset"  # --time-budget preset: the seconds of the preset recipe at x1,
+PRESET_SLACK = 1.2  # plus 20%, so that a recipe with the same epochs is not ruled out by timing noise (12% seen on digits)
+POINT = "point.json"  # a finished point: everything the table needs
+TIMING = "timing.jsonl"  # the pipeline's seconds so far, one line per finished epoch: what a resume adds to
+FINAL_JUDGE = re.compile(r"judge \((final|full)\)$")  # the title judge_loader reports the final figures under
+progress = log_console()
+
+
+# --- the points -------------------------------------------------------------------------------
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def scaled_epochs(stage: StageConfig, multiplier: float) -> tuple[int, int, int]:
+    """(epochs, clean epochs, eps-ramp epochs) of ``stage`` at ``multiplier`` times its budget.
+
+    Each is rounded, and one the stage has stays at least 1; when the stage trains at full eps in
+    some epoch, so does the scaled one (the ramp, then the clean epochs give way).
+    """
+    if stage.epochs == 0:
+        return 0, stage.clean_epochs, stage.eps_ramp_epochs
+    epochs = max(1, _half_up(stage.epochs * multiplier))
+    clean, ramp = (max(1, _half_up(n * multiplier)) if n else 0 for n in (stage.clean_epochs, stage.eps_ramp_epochs))
+    room = epochs - 1 if stage.clean_epochs + stage.eps_ramp_epochs < stage.epochs else epochs
+    ramp = max(0, min(ramp, room - clean))
+    clean = min(clean, room - ramp)
+    return epochs, clean, ramp
+
+
+def budget_overrides(cfg: Config, multiplier: float) -> list[str]:
+    overrides = []
+    for name in TRAINED_STAGES:
+        epochs, clean, ramp = scaled_epochs(getattr(cfg.stages, name), multiplier)
+        overrides += [f"stages.{name}.epochs={epochs}", f"stages.{name}.clean_epochs={clean}", f"stages.{name}.eps_ramp_epochs={ramp}"]
+    return overrides
+
+
+def fixed_overrides(n: int) -> list[str]:
+    """Every point: no dense control (see the docstring); compress()'s own judging on the first n test images,
+    with its ensemble on one image only: the benchmark judges the compressed model itself (``judge_compressed``),
+    so that the dense model's ensemble, which it does not use, costs no time (rapc has no switch to skip it)."""
+    return ["stages.dense_control=false", f"eval.n_test={n}", "eval.n_ensemble=1"]
+
+
+@dataclass(frozen=True)
+class Point:
+    recipe: Recipe
+    multiplier: float
+    config: Config
+    overrides: tuple[str, ...]  # the recipe's and the budget's, that differ from --config with --set
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe.name}-x{self.multiplier:g}"
+
+    @classmethod
+    def make(cls, recipe: Recipe, multiplier: float, args: argparse.Namespace) -> Point:
+        base = load_config(args.config, args.set)
+        with_recipe = [*args.set, *recipe.overrides]
+        budget = budget_overrides(load_config(args.config, with_recipe), multiplier)
+        cfg = load_config(args.config, [*with_recipe, *budget, *fixed_overrides(args.n)])
+        changed = tuple(o for o in [*recipe.overrides, *budget] if _differs(base, cfg, o))
+        return cls(recipe, multiplier, cfg, changed, args.out / f"{recipe.name}-x{multiplier:g}")
+
+    @property
+    def epochs(self) -> str:
+        return "+".join(str(getattr(self.config.stages, s).epochs) for s in TRAINED_STAGES)
+
+
+def _differs(base: Config, cfg: Config, override: str) -> bool:
+    """Whether ``override`` left its key in ``cfg`` other than in ``base``."""
+    key = override.partition("=")[0]
+    return _lookup(cfg.model_dump(mode="json"), key) != _lookup(base.model_dump(mode="json"), key)
+
+
+def _lookup(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+class Stopwatch:
+    """A Reporter that passes everything on and times the pipeline until the judge's final figures begin.
+
+    At every finished epoch (the trainer logs the epoch, reports it, then checkpoints it) it appends
+    the seconds so far and the size metrics.jsonl has then to TIMING; a resume cuts metrics.jsonl back
+    to what the checkpoint covers, and the line with that size says what the kept work had cost.
+    (With stages.checkpoint_every_steps, the part of an epoch before its checkpoint is not counted.)
+    """
+
+    def __init__(self, inner: Reporter, run: RunPaths, prior: float) -> None:
+        self.inner, self.run, self.prior = inner, run, prior
+        self.start = time.perf_counter()
+        self.trained: float | None = None
+
+    def elapsed(self) -> float:
+        return self.prior + time.perf_counter() - self.start
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.run.root / TIMING, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def begin(self, title: str, total: int) -> None:
+        if self.trained is None and FINAL_JUDGE.search(title):
+            self.trained = self.elapsed()
+            self._append({"trained": True, "seconds": self.trained})
+        self.inner.begin(title, total)
+
+    def advance(self, live: dict[str, float] | None = None) -> None:
+        self.inner.advance(live)
+
+    def end(self, summary: str) -> None:
+        if self.trained is None:
+            size = self.run.metrics.stat().st_size if self.run.metrics.is_file() else 0
+            self._append({"metrics_bytes": size, "seconds": self.elapsed()})
+        self.inner.end(summary)
+
+    def log(self, text: str) -> None:
+        self.inner.log(text)
+
+
+def _timing(run: RunPaths) -> list[dict[str, Any]]:
+    path = run.root / TIMING
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def seconds_kept(run: RunPaths) -> float:
+    """The seconds the work a resume keeps had cost: the last epoch line written at metrics.jsonl's size now.
+
+    Within a segment the sizes only grow, and a later segment's lines come later in the file, so
+    the last line at or below the size is the current segment's, not a stale one of an earlier try.
+    """
+    kept = run.metrics.stat().st_size if run.metrics.is_file() else 0
+    seconds = 0.0
+    for record in _timing(run):
+        if "metrics_bytes" in record and record["metrics_bytes"] <= kept:
+            seconds = record["seconds"]
+    return seconds
+
+
+def run_point(point: Point, reporter: Reporter) -> tuple[CompressResult, float, bool]:
+    """compress() the point, or continue its interrupted run: (result, pipeline seconds, resumed)."""
+    run = RunPaths(point.directory)
+    if not run.config_path.is_file():
+        (point.directory / TIMING).unlink(missing_ok=True)  # from a try that failed before its run began
+        watch = Stopwatch(reporter, run, 0.0)
+        result = compress(point.config, point.directory, watch)
+        return result, _trained(watch), False
+    if run.config() != point.config:
+        raise RapcError(f"{point.directory} holds a run of another config (other --set, --n or recipe); "
+                        f"delete it or choose another --out")
+    if run.summary() is None:
+        RunDir(point.directory).rewind(STAGES)  # as resume() does; done here first to read what it keeps
+    watch = Stopwatch(reporter, run, seconds_kept(run))
+    result = resume(point.directory, watch)
+    if result.finished_before:  # finished, but killed before point.json was written
+        trained = [r["seconds"] for r in _timing(run) if r.get("trained")]
+        if not trained:
+            raise RapcError(f"{point.directory} finished without a record of its time; delete it to measure it again")
+        return result, trained[-1], True
+    return result, _trained(watch), True
+
+
+def _trained(watch: Stopwatch) -> float:
+    if watch.trained is None:  # a bug: rapc no longer reports its final judging under FINAL_JUDGE's title
+        raise RuntimeError(f"the judge's final evaluation never began under a title matching {FINAL_JUDGE.pattern!r}")
+    return watch.trained
+
+
+def _attack(verdict: dict[str, Any], name: str) -> dict[str, Any]:
+    (attack,) = [a for a in verdict["attacks"] if a["name"] == name]
+    return {k: attack[k] for k in ("label", "n", "accuracy", "stderr")}
+
+
+_warm: set[str] = set()
+
+
+def warm_up(cfg: Config) -> None:
+    """Pay the process's one-time costs untimed, or whichever point runs first would: the first
+    dataset load imports its reader (scikit-learn's: 3 s) and the first optimizer torch._dynamo (3 s)."""
+    if cfg.data.name not in _warm:
+        importlib.import_module("torch._dynamo")
+        load_data(cfg.data, cfg.seed)
+        _warm.add(cfg.data.name)
+
+
+def judge_compressed(point: Point, reporter: Reporter) -> dict[str, Any]:
+    """The judge's final figures for the point's compressed model on the first n test images: what
+    compress() reports for it with eval.n_ensemble=n (the same loader, protocol and seed)."""
+    cfg = point.config
+    model = load_model(RunPaths(point.directory).compressed).to(resolve_device(cfg.device))
+    test = loader(head(load_data(cfg.data, cfg.seed).test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False)
+    protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_test, seed=cfg.seed)
+    return judge.judge_loader(model, test, protocol, reporter=reporter, title=f"{point.name} compressed").to_dict()
+
+
+def _metrics(run: RunPaths) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()] if run.metrics.is_file() else []
+
+
+def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
+    """The point's figures, from its point.json if it has one, else from its (continued) run."""
+    path = point.directory / POINT
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if validate(cached["config"], str(path)) != point.config:
+            raise RapcError(f"{path} was measured with another config (other --set, --n or recipe); "
+                            f"delete {point.directory} or choose another --out")
+        progress.print(f"{point.name}: finished before, {cached['seconds']:.0f} s; reused", markup=False)
+        return cached
+    warm_up(point.config)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    result, seconds, resumed = run_point(point, reporter)
+    judged = time.perf_counter()
+    progress.print(f"{point.name}: judging the compressed model on the first {point.config.eval.n_test} test images "
+                   "(compress()'s own ensemble above saw one)", markup=False)
+    verdict = judge_compressed(point, reporter)
+    guard_stops = sorted({r["stage"] for r in _metrics(RunPaths(point.directory)) if r.get("catastrophic_overfitting")})
+    figures = {
+        "recipe": point.recipe.name, "description": point.recipe.description, "multiplier": point.multiplier,
+        "overrides": list(point.overrides), "epochs": point.epochs, "seconds": seconds, "judge_seconds": time.perf_counter() - judged,
+        "resumed": resumed, "load_average": {"start": load, "end": os.getloadavg()[0]}, "torch_threads": torch.get_num_threads(),
+        "macs": {"dense": result.dense["macs"], "compressed": result.compressed["macs"]},
+        "mac_ratio": result.dense["macs"] / result.compressed["macs"],
+        "clean": _attack(verdict, "clean"), "pgd": _attack(verdict, "pgd"), "ensemble": _attack(verdict, "ensemble"),
+        "warnings": verdict["warnings"], "guard_stops": guard_stops, "judge": verdict, "config": point.config.model_dump(mode="json"),
+    }
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
+    progress.print(f"{point.name}: {seconds:.0f} s training, {time.perf_counter() - started:.0f} s in all; "
+                   f"ensemble {figures['ensemble']['accuracy']:.1%}", markup=False)
+    return figures
+
+
+# --- the verdicts, table and plot -------------------------------------------------------------
+
+
+def shortfalls(figures: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Why a point is not eligible (empty: it is)."""
+    out = []
+    if figures["mac_ratio"] < args.min_mac_ratio:
+        out.append(f"MACs {figures['mac_ratio']:.2f}x < {args.min_mac_ratio:g}x")
+    if figures["clean"]["accuracy"] < args.min_clean:
+        out.append(f"clean < {args.min_clean:.0%}")
+    return out
+
+
+def resolve_budget(points: list[dict[str, Any]], args: argparse.Namespace) -> float:
+    """--time-budget in seconds; ``preset``: the seconds the preset recipe took at x1 here (the default's own time,
+    on this machine and with these threads), plus 20% for timing noise."""
+    if args.time_budget != PRESET_BUDGET:
+        return args.time_budget
+    reference = next((p for p in points if p["recipe"] == "preset" and p["multiplier"] == 1), None)
+    if reference is None:
+        raise RapcError("--time-budget preset needs the preset recipe at multiplier 1 among the points; give it or a number of seconds")
+    return reference["seconds"] * PRESET_SLACK
+
+
+def budget_text(args: argparse.Namespace) -> str:
+    return f"{args.time_budget:.0f} s" + (" (the preset x1 point's time + 20%)" if args.budget_from_preset else "")
+
+
+def pick(points: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The eligible point within the time budget with the highest ensemble accuracy (ties: the faster)."""
+    eligible = [p for p in points if not shortfalls(p, args) and p["seconds"] <= args.time_budget]
+    return max(eligible, key=lambda p: (p["ensemble"]["accuracy"], -p["seconds"]), default=None)
+
+
+def _one_label(points: list[dict[str, Any]], attack: str) -> str | None:
+    """The attack's label and n when every point shares them (they do unless the config's eval attack differs)."""
+    labels = {(p[attack]["label"], p[attack]["n"]) for p in points}
+    return f"{labels.pop()[0]}, n={points[0][attack]['n']}" if len(labels) == 1 else None
+
+
+def results_table(points: list[dict[str, Any]], chosen: dict[str, Any] | None, args: argparse.Namespace) -> Table:
+    pgd_label, ensemble_label = _one_label(points, "pgd"), _one_label(points, "ensemble")
+
+    def accuracy(p: dict[str, Any], attack: str, shared: str | None, stderr: bool = False) -> str:
+        a = p[attack]
+        text = f"{a['accuracy']:.1%}" + (f" ± {a['stderr']:.1%}" if stderr else "")
+        return text if shared else f"{a['label']} (n={a['n']}): {text}"
+
+    rows = []
+    for p in points:
+        missing = shortfalls(p, args)
+        verdict = ("**pick**" if p is chosen else "eligible" if not missing else "; ".join(missing))
+        if not missing and p["seconds"] > args.time_budget:
+            verdict = "eligible, over the time budget"
+        if p["guard_stops"]:
+            verdict += f" (guard stopped {', '.join(p['guard_stops'])})"
+        if p["warnings"]:
+            verdict += f" ({len(p['warnings'])} judge warnings: see point.json)"
+        rows.append((p["recipe"], f"x{p['multiplier']:g}", p["epochs"], f"{p['seconds']:.0f}", f"{p['mac_ratio']:.2f}x",
+                     f"{p['clean']['accuracy']:.1%}", accuracy(p, "pgd", pgd_label), accuracy(p, "ensemble", ensemble_label, stderr=True),
+                     verdict))
+    headers = ("recipe", "budget", "epochs", "seconds", "MAC ratio", "clean",
+               pgd_label or "PGD", ensemble_label or "ensemble", "verdict")
+    return Table("Time to robustness: the compressed model's accuracy against the pipeline's seconds", headers, rows, label_columns=3)
+
+
+def notes(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[str]:
+    cfg = load_config(args.config, args.set)
+    threads = sorted({p["torch_threads"] for p in points})
+    load = [v for p in points for v in p["load_average"].values()]
+    return [
+        f"config {args.config}" + (f" with {' '.join(args.set)}" if args.set else "") + f": {cfg.model.name} w={cfg.model.width} on {cfg.data.name}; "
+        f"every point judged on the first {args.n} test images (the same images for clean, PGD and the ensemble, and for every point)",
+        "seconds: wall-clock of the whole pipeline (data loading, training stages with per-epoch validation, hard prune, shrink, "
+        f"saving), without the final judging; torch threads {', '.join(map(str, threads))}; load average (1 min) "
+        f"{min(load):.1f}-{max(load):.1f} at the points' starts and ends (other processes slow every figure)",
+        "stages.dense_control=false for every point: the benchmark compares compressed models, and the dense control would double the time",
+        f"epochs: pretrain+admm+retrain; eligible: at least {args.min_mac_ratio:g}x fewer MACs and clean accuracy at least {args.min_clean:.0%}; "
+        f"the pick: the eligible point with the highest ensemble accuracy within {budget_text(args)}",
+        *[f"recipe {r.name}: {r.description}" for r in RECIPES.values() if r.name in {p["recipe"] for p in points}],
+    ]
+
+
+def pick_line(chosen: dict[str, Any] | None, args: argparse.Namespace) -> str:
+    if chosen is None:
+        return f"pick: none; no point is eligible within {budget_text(args)}"
+    e = chosen["ensemble"]
+    overrides = " ".join(chosen["overrides"]) or "(none: the config as it is)"
+    return (f"pick: {chosen['recipe']} x{chosen['multiplier']:g} ({chosen['seconds']:.0f} s, {chosen['mac_ratio']:.2f}x fewer MACs, "
+            f"clean {chosen['clean']['accuracy']:.1%}, ensemble {e['accuracy']:.1%} ± {e['stderr']:.1%}, n={e['n']}); "
+            f"overrides on {args.config}" + (" with the --set ones" if args.set else "") + f": {overrides}")
+
+
+def plot(points: list[dict[str, Any]], chosen: dict[str, Any] | None, args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for index, name in enumerate(dict.fromkeys(p["recipe"] for p in points)):
+        mine = sorted((p for p in points if p["recipe"] == name), key=lambda p: p["seconds"])
+        color = f"C{index}"
+        x, y = [p["seconds"] for p in mine], [100 * p["ensemble"]["accuracy"] for p in mine]
+        ax.errorbar(x, y, yerr=[100 * p["ensemble"]["stderr"] for p in mine], color=color, capsize=3, label=name)
+        for p, xi, yi in zip(mine, x, y):  # filled: eligible; hollow: fails the MAC or clean constraint
+            ax.plot(xi, yi, "o", color=color, markerfacecolor=color if not shortfalls(p, args) else "white")
+            ax.annotate(f"x{p['multiplier']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if chosen is not None:
+        ax.plot(chosen["seconds"], 100 * chosen["ensemble"]["accuracy"], "*", color="black", markersize=14, label="pick")
+    ax.axvline(args.time_budget, color="0.4", linestyle="--", label=f"time budget {args.time_budget:.0f} s")
+    ax.set_xlabel("seconds (whole pipeline, without the final judging)")
+    label = _one_label(points, "ensemble") or "ensemble"
+    ax.set_ylabel("ensemble accuracy of the compressed model (%)")
+    ax.set_title(f"time to robustness, {args.config}\n{textwrap.fill(label, 100)}\n"
+                 "error bars: standard error; hollow markers: not eligible", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_list(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except (ValueError, RapcError) as exc:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({exc})") from None
+    return parse
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def _budget(text: str) -> float | str:
+    if text == PRESET_BUDGET:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds or {PRESET_BUDGET!r}, got {text!r}")
+    return value
+
+
+def _multiplier(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("a multiplier must be positive")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_PRESET, metavar="PRESET", help="preset name or YAML file the recipes start from")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, before the recipe's; repeatable")
+    parser.add_argument("--recipes", type=parse_list(_recipe, "recipe names"), default=",".join(RECIPES), metavar="R,R",
+                        help=f"of {', '.join(RECIPES)}")
+    parser.add_argument("--multipliers", type=parse_list(_multiplier, "positive numbers"), default="0.5,1,2", metavar="M,M",
+                        help="budgets: every stage's epochs times M (rounded, at least 1)")
+    parser.add_argument("--n", type=int, default=500, metavar="N", help="the judge's fixed subset: the first N test images")
+    parser.add_argument("--time-budget", type=_budget, default=300.0, metavar="SECONDS",
+                        help=f"the pick's limit on the pipeline's seconds; {PRESET_BUDGET!r}: what the preset recipe took at x1, + 20%%")
+    parser.add_argument("--min-mac-ratio", type=float, default=3.8, metavar="R", help="eligible: at least R times fewer MACs")
+    parser.add_argument("--min-clean", type=float, default=0.95, metavar="P", help="eligible: clean accuracy at least P")
+    parser.add_argument("--out", type=Path, default=Path("runs/time-to-robustness"), metavar="DIR",
+                        help="one run directory per point, table.md and the plot")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch.set_num_threads(N) first; default: PyTorch's")
+    parser.add_argument("--finished-only", action="store_true", help="table the points finished so far; train nothing")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be at least 1")
+    args.recipes = list(dict.fromkeys(args.recipes))
+    args.multipliers = sorted(set(args.multipliers))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    points: list[dict[str, Any]] = []
+    failed = []
+    try:
+        todo = [Point.make(r, m, args) for m in args.multipliers for r in args.recipes]  # by budget first: a partial run spans the recipes
+        if args.finished_only:
+            todo = [p for p in todo if (p.directory / POINT).is_file()]
+        with RichReporter(progress) as reporter:
+            for index, point in enumerate(todo, 1):
+                progress.print(f"[{index}/{len(todo)}] {point.name}: epochs {point.epochs} in {point.directory}", markup=False)
+                try:
+                    points.append(measure(point, reporter))
+                except RapcError as exc:  # one point's failure (a NaN, say) does not stop the others
+                    progress.print(f"error: {point.name}: {exc}", markup=False)
+                    failed.append(point.name)
+    except RapcError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the same command continues from the last checkpoint")
+    if not points:
+        sys.exit("error: no point finished")
+    args.budget_from_preset = args.time_budget == PRESET_BUDGET
+    try:
+        args.time_budget = resolve_budget(points, args)
+    except RapcError as exc:
+        sys.exit(f"error: {exc}")
+    chosen = pick(points, args)
+    table = results_table(points, chosen, args)
+    text = table.markdown() + "\n" + "\n".join(f"- {line}" for line in notes(args, points)) + "\n\n" + pick_line(chosen, args) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "table.md", lambda tmp: tmp.write_text(text))
+    atomic_write(args.out / "time_to_robustness.png", lambda tmp: plot(points, chosen, args, tmp))
+    print(f"wrote {args.out / 'table.md'} and {args.out / 'time_to_robustness.png'}")
+    if failed:
+        sys.exit(f"error: {len(failed)} points failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
