@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rapc.bench.backends import BACKENDS
-from rapc.config import DEFAULT_PRESET, ConfigWarning, load_config, presets
+from rapc.config import DEFAULT_PRESET, TARGET_METRICS, WEIGHTS_SUFFIXES, ConfigWarning, load_config, presets
 from rapc.errors import RapcError
 from rapc.export.precision import PRECISIONS
 from rapc.export.tensorrt import DEFAULT_RTX_TARGET, RTX_TARGETS
@@ -117,33 +118,66 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--resume", "resume_run", type=click.Path(file_okay=False), default=None, metavar="RUN",
               help="Continue the interrupted run RUN from its last checkpoint, with its own config.yaml "
                    "(a finished run is only re-reported).")
-def compress(config: str | None, overrides: tuple[str, ...], out: str | None, resume_run: str | None) -> None:
+@click.option("--weights", default=None, metavar="FILE",
+              help="Start from your own trained model: a .safetensors file or a state dict (.pt/.pth, read with "
+                   "torch.load(weights_only=True)) of the model the config builds (model.name; your own "
+                   "'package.module:factory' with model.allow_import=true). Sets stages.start_from=FILE and "
+                   "stages.pretrain.epochs=0 before the --set overrides, so --set stages.pretrain.epochs=3 first "
+                   "trains it adversarially for 3 epochs. The model is judged before pruning and refused if it is not "
+                   "robust (see --force); the dense baseline is then the given model.")
+@click.option("--force", is_flag=True,
+              help="Prune the start model (--weights or stages.start_from) even if it is not robust at the configured eps "
+                   "(stages.check_start=false).")
+@click.option("--target", default=None, metavar="METRIC=FRACTION",
+              help="A whole-model budget instead of the per-layer pruning.ratio: macs=0.5, params=0.25 or latency=0.5 keeps "
+                   "that fraction of the dense model's cost (pruning.target.METRIC).")
+@click.option("--backend", default=None, metavar="NAME",
+              help=f"The bench backend a latency target is measured on (pruning.target.backend); known: {', '.join(BACKENDS)}.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="The batch size a latency target is measured at (pruning.target.batch).")
+def compress(config: str | None, overrides: tuple[str, ...], out: str | None, resume_run: str | None, weights: str | None,
+             force: bool, target: str | None, backend: str | None, batch: int | None) -> None:
     """Adversarial ADMM pruning -> hard prune -> masked adversarial retraining -> physical shrink.
 
     Writes the run directory: resolved config.yaml, metrics.jsonl, stage checkpoints,
-    pretrained/, dense/ (the budget-matched baseline) and compressed/ (architecture JSON + safetensors), summary.json. Ctrl-C (or SIGTERM)
+    pretrained/, dense/ (the baseline: budget-matched, or the model given by --weights) and compressed/ (architecture JSON + safetensors), summary.json. Ctrl-C (or SIGTERM)
     stops after the current step with a checkpoint (under torchrun a few steps later, all ranks
     at the same one); --resume continues from it, under torchrun too.
     """
+    from rapc.bench.latency import latency_cost
     from rapc.pipeline.compress import compress as run_compress, resume
     from rapc.pipeline.distributed import env_rank, rapc_command
     from rapc.pipeline.projection import check_schemes
     from rapc.rundir import open_run
 
     if resume_run is not None:
-        if config or overrides or out:
-            raise RapcError("--resume continues a run with its own config.yaml and directory; drop --config, --set and --out")
+        if config or overrides or out or weights or force or target or backend or batch:
+            raise RapcError("--resume continues a run with its own config.yaml and directory; drop --config, --set and --out "
+                            "(and --weights, --force, --target, --backend, --batch)")
         cfg, out = open_run(resume_run).config(), resume_run
     else:
-        cfg = load_config(config, overrides)
+        flags = _start_and_budget(weights, force, target)
+        cfg = load_config(config, (*flags, *overrides))
+        if backend is not None or batch is not None:
+            if cfg.pruning.target is None or cfg.pruning.target.metric != "latency":
+                raise RapcError("--backend and --batch say where a latency target is measured; give one with --target latency=F")
+            cfg = load_config(config, (*flags, *_latency_measurement(backend, batch), *overrides))
         out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
     check_schemes(cfg.pruning)
+    if cfg.pruning.target is not None and cfg.pruning.target.metric == "latency":  # an unknown backend fails now, not after pretraining
+        try:
+            BACKENDS.get(cfg.pruning.target.backend)
+        except RapcError as exc:
+            raise RapcError(f"pruning.target.backend: {exc}") from None
     console = log_console(quiet=env_rank() != 0)  # the other ranks of a torchrun: rank 0 reports
-    console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name} (w={cfg.model.width}) on {cfg.data.name}, "
-                  f"{cfg.pruning.scheme} pruning at ratio {cfg.pruning.ratio:g} -> {out}", markup=False)
+    budget = (f"to {cfg.pruning.target.fraction:g} of the dense model's {cfg.pruning.target.metric}" if cfg.pruning.target
+              else f"at ratio {cfg.pruning.ratio:g}")
+    width = "" if ":" in cfg.model.name else f" (w={cfg.model.width})"  # a user factory takes no width
+    console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name}{width} on {cfg.data.name}, "
+                  f"{cfg.pruning.scheme} pruning {budget} -> {out}", markup=False)
     try:
         with RichReporter(console) as reporter:
-            result = resume(out, reporter) if resume_run else run_compress(cfg, out, reporter)
+            result = resume(out, reporter, latency_cost) if resume_run else run_compress(cfg, out, reporter, latency_cost)
     except KeyboardInterrupt:  # under torchrun every rank stops at the same step; rank 0 says how to go on
         if env_rank() == 0:
             click.echo(f"interrupted: `{rapc_command(f'compress --resume {out}')}` continues from the last checkpoint", err=True)
@@ -156,11 +190,63 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     out_console.print(_layer_table(result.layers))
     out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
     out_console.print(f"dense: {result.baseline}", markup=False)
+    if result.budget is not None:
+        b = result.budget
+        out_console.print(f"budget: {b['achieved']:.3f} of the dense model's {b['metric']} kept (target {b['target']:.3f}; "
+                          f"{b['method']} allocation, measured {b['measured']}; per layer: "
+                          f"{RunPaths(result.run).allocation / 'allocation.md'})", markup=False)
+        if b["reason"]:
+            out_console.print(f"warning: {b['reason']}", style="yellow", markup=False)
     for note in result.notes:
         out_console.print(f"note: {note}", markup=False)
     for warning in result.warnings:
         out_console.print(f"warning: {warning}", style="yellow", markup=False)
     click.echo(f"run directory: {result.run}")
+
+
+
+
+def _start_and_budget(weights: str | None, force: bool, target: str | None) -> list[str]:
+    """compress's --weights, --force and --target options as config overrides, applied before --set's."""
+    overrides = []
+    if weights is not None:
+        path = Path(weights)
+        if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+            raise RapcError(f"--weights {weights}: expected a {', '.join(WEIGHTS_SUFFIXES)} file; a rapc run or model directory "
+                            f"goes in --set stages.start_from=DIR")
+        if not path.is_file():
+            raise RapcError(f"--weights {weights}: {'not a file' if path.exists() else 'no such file'}")
+        overrides += [f"stages.start_from={_yaml_string(weights)}", "stages.pretrain.epochs=0"]
+    if force:
+        overrides.append("stages.check_start=false")
+    if target is not None:
+        metric, sep, value = target.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = None
+        if not sep or metric not in TARGET_METRICS or fraction is None or not 0 < fraction < 1:
+            raise RapcError(f"--target {target}: expected METRIC=FRACTION with METRIC one of {', '.join(TARGET_METRICS)} and "
+                            f"FRACTION in (0, 1), the share of the dense model's cost kept, e.g. macs=0.5")
+        overrides += [f"pruning.target.{m}={fraction if m == metric else 'null'}" for m in TARGET_METRICS]
+    return overrides
+
+
+def _latency_measurement(backend: str | None, batch: int | None) -> list[str]:
+    """--backend and --batch as config overrides."""
+    overrides = []
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise RapcError(f"--backend {backend}: unknown; known: {', '.join(BACKENDS)}")
+        overrides.append(f"pruning.target.backend={_yaml_string(backend)}")
+    if batch is not None:
+        overrides.append(f"pruning.target.batch={batch}")
+    return overrides
+
+
+def _yaml_string(text: str) -> str:
+    """A value that --set's YAML parsing reads back as this exact string (a path may look like a number or hold ': ')."""
+    return json.dumps(text)
 
 
 def _export_table(result) -> Table:

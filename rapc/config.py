@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rapc.errors import RapcError
 
 DEFAULT_PRESET = "mnist-lenet-filter"
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0, description="fraction of weights pruned")]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -43,10 +44,27 @@ class DataConfig(Strict):
 _SET_ELSEWHERE = {"num_classes": "the dataset", "in_channels": "the dataset", "image_size": "the dataset", "width": "model.width"}
 
 
+class NormalizeConfig(Strict):
+    """Per-channel input statistics the model's first layer subtracts and divides by."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> NormalizeConfig:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values and std {len(self.std)}; give one per input channel")
+        return self
+
+
 class ModelConfig(Strict):
     name: str = "lenet"
     width: PositiveInt = 16
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    normalize: NormalizeConfig | Literal["none"] | None = Field(
+        None, description="input statistics the model normalizes with, so attacks stay in [0,1] pixels and given weights "
+        "see the inputs they were trained on; 'none': the model takes raw [0,1] pixels (or normalizes inside); "
+        "None: the dataset's statistics")
     allow_import: bool = Field(
         False, description="a 'package.module:factory' name imports and runs user code; opt in explicitly"
     )
@@ -133,17 +151,32 @@ class StageConfig(Strict):
 
 
 class StagesConfig(Strict):
-    start_from: str | None = Field(None, description="a run dir or model dir whose dense weights replace pretraining")
+    start_from: str | None = Field(
+        None, description="dense weights to prune: a rapc run or model dir, a safetensors file or a state dict "
+        "(.pt/.pth, read with weights_only=True) of the model's own keys; pretraining, if it has epochs, trains on from them")
+    check_start: bool = Field(
+        True, description="judge the start_from model before pruning and refuse one that is not robust at the "
+        "configured eps (CLI: --force turns this off)")
     checkpoint_every_steps: PositiveInt | None = Field(
         None, description="also checkpoint every N training steps within an epoch; None: at epoch ends only"
     )
     pretrain: StageConfig = Field(default_factory=StageConfig)
     admm: StageConfig = Field(default_factory=StageConfig)
     retrain: StageConfig = Field(default_factory=StageConfig)
-    dense_control: bool = Field(
-        True, description="train the pretrained dense model on for the ADMM and retraining stages' epochs and schedules, "
+    dense_control: bool | None = Field(
+        None, description="None: true, except when start_from is a weights file (the given model is then the baseline). "
+        "True: train the pretrained dense model on for the ADMM and retraining stages' epochs and schedules, "
         "unpruned, and compare the compressed model with it (an equal training budget); false: compare with the "
         "pretrained model, which trained for fewer epochs (the report says so)")
+
+    @property
+    def weights_file(self) -> bool:
+        """start_from names a user's weights file rather than a rapc directory."""
+        return self.start_from is not None and Path(self.start_from).suffix.lower() in WEIGHTS_SUFFIXES
+
+    @property
+    def trains_dense_control(self) -> bool:
+        return self.dense_control if self.dense_control is not None else not self.weights_file
 
 
 # A registered pruning scheme's name. The registry (rapc.pipeline.schemes.SCHEMES) is the only list of
@@ -158,9 +191,52 @@ class LayerRule(Strict):
     ratio: Ratio | None = None
 
 
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+TARGET_METRICS = ("macs", "params", "latency")
+
+
+class TargetConfig(Strict):
+    """A whole-model budget, as the fraction of the dense model's cost that is kept; exactly one is set."""
+
+    macs: Fraction | None = None
+    params: Fraction | None = None
+    latency: Fraction | None = Field(None, description="of the dense model's latency measured on `backend` at `batch`")
+    backend: str = Field("ort-cpu", description="the bench backend a latency target is measured on")
+    batch: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        named = [k for k in TARGET_METRICS if getattr(self, k) is not None]
+        if len(named) != 1:
+            raise ValueError(f"set exactly one of macs, params or latency (got {', '.join(named) or 'none'})")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(k for k in TARGET_METRICS if getattr(self, k) is not None)
+
+    @property
+    def fraction(self) -> float:
+        return float(getattr(self, self.metric))
+
+
+class SensitivityConfig(Strict):
+    """How the sensitivity allocator measures each layer: the adversarial loss on a few training images,
+    with that layer alone pruned at each ratio."""
+
+    n_images: PositiveInt = 256
+    ratios: list[Ratio] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.875, 0.9375], min_length=1)
+
+
 class PruningConfig(Strict):
     scheme: Scheme = "filter"
     ratio: Ratio = 0.5
+    target: TargetConfig | None = Field(None, description="a whole-model budget solved into per-layer ratios; replaces `ratio`")
+    allocation: Literal["uniform", "sensitivity"] | None = Field(
+        None, description="how a target is split over layers; None: sensitivity. uniform: one ratio for every layer")
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     nm: tuple[PositiveInt, PositiveInt] = (2, 4)
     layers: list[LayerRule] = Field(default_factory=list, description="overrides; the last matching rule wins")
     keep_dense: list[str] = Field(default_factory=list, description="globs of layers never pruned")
@@ -171,6 +247,14 @@ class PruningConfig(Strict):
         if n >= m:
             raise ValueError(f"nm: N must be smaller than M (got {n}:{m})")
         return self
+
+
+class DistillConfig(Strict):
+    """Distillation from the dense (teacher) model during ADMM and retraining: the loss adds
+    weight * T^2 * KL(teacher || student) on the student's adversarial examples."""
+
+    weight: Annotated[float, Field(ge=0.0)] = Field(0.0, description="0: off")
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
 
 
 class AdmmConfig(Strict):
@@ -191,6 +275,7 @@ class EvalConfig(Strict):
     n_ensemble: Annotated[int | None, Field(gt=0)] = Field(
         None, description="the first N of those attacked by the ensemble (APGD-CE + APGD-T); None: all. The report gives n and the standard error")
     n_val: Annotated[int | None, Field(gt=0)] = Field(None, description="validation images for per-epoch model selection; None: all")
+    n_start: PositiveInt = Field(200, description="validation images a start_from model is judged on before pruning (stages.check_start)")
 
 
 class Config(Strict):
@@ -206,6 +291,7 @@ class Config(Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     admm: AdmmConfig = Field(default_factory=AdmmConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     shrink: ShrinkConfig = Field(default_factory=ShrinkConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -9,6 +9,7 @@ loads the weights; any mismatch names the tensor and both shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,16 @@ class Architecture:
 
     @classmethod
     def for_data(cls, model: ModelConfig, info: DatasetInfo) -> Architecture:
-        """The dense architecture a config builds for a dataset: its classes, channels, size and statistics."""
+        """The dense architecture a config builds for a dataset: its classes, channels, size and the
+        input statistics of ``model.normalize`` (None in ``args``: no normalization)."""
+        mean, std = _statistics(model, info)
         args = {
             "num_classes": info.num_classes,
             "in_channels": info.channels,
             "image_size": info.image_size,
             "width": model.width,
-            "mean": list(info.mean),
-            "std": list(info.std),
+            "mean": mean,
+            "std": std,
             **model.kwargs,
         }
         return cls(model.name, args, [info.channels, info.image_size, info.image_size])
@@ -63,6 +66,19 @@ class Architecture:
             except (KeyError, IndexError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # a malformed record
                 raise RapcError(f"pruning history does not fit the {self.builder} architecture ({exc})") from None
         return model
+
+
+def _statistics(model: ModelConfig, info: DatasetInfo) -> tuple[list[float] | None, list[float] | None]:
+    """Per-channel mean and std the model normalizes its [0,1] pixels with; (None, None): it does not."""
+    normalize = model.normalize
+    if normalize is None:
+        return list(info.mean), list(info.std)
+    if normalize == "none":
+        return None, None
+    if len(normalize.mean) != info.channels:
+        raise RapcError(f"model.normalize gives {len(normalize.mean)} values per statistic, but the images have "
+                        f"{info.channels} channel{'s' if info.channels > 1 else ''}; give one mean and std per channel")
+    return list(normalize.mean), list(normalize.std)
 
 
 def save_model(model: nn.Module, architecture: Architecture, directory: Path) -> Path:
@@ -94,7 +110,7 @@ def read_architecture(directory: Path) -> Architecture:
     return architecture
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RapcError(f"{path} is missing")
     try:
@@ -103,18 +119,52 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise RapcError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
+def _shape(tensor: torch.Tensor) -> list[int]:
+    return list(tensor.shape)
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], holder: str = "the architecture") -> str | None:
+    """Why ``given`` tensors cannot be loaded where ``expected`` ones are (a state dict), or None if they fit.
+
+    One sentence for a one-line error: the first problem in words, then, if there are more, every
+    missing, extra and mis-shaped tensor by name (up to 20 of each), so one attempt shows them all.
+    """
+    missing = [name for name in expected if name not in given]
+    extra = [name for name in given if name not in expected]
+    misshaped = [name for name in expected if name in given and given[name].shape != expected[name].shape]
+    if misshaped:
+        name = misshaped[0]
+        first = f"tensor {name} has shape {_shape(given[name])}, {holder} expects {_shape(expected[name])}"
+    elif missing:
+        first = f"tensor {missing[0]} is missing"
+    elif extra:
+        first = f"tensor {extra[0]} is not part of {holder}"
+    else:
+        return None
+    if len(missing) + len(extra) + len(misshaped) == 1:
+        return first
+    counts = []
+    if missing:
+        counts.append(f"{len(missing)} missing ({_names(missing)})")
+    if extra:
+        counts.append(f"{len(extra)} extra ({_names(extra)})")
+    if misshaped:
+        shapes = [f"{n}: file {_shape(given[n])}, {holder.removeprefix('the ')} {_shape(expected[n])}" for n in misshaped]
+        counts.append(f"{len(misshaped)} mis-shaped ({_names(shapes)})")
+    return f"{first}; in all {', '.join(counts)}"
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load safetensors weights into ``model``; every missing, extra or mis-shaped tensor is named."""
-    weights = _read_weights(path)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in weights:
-            raise RapcError(f"{path}: tensor {name} is missing")
-        if weights[name].shape != tensor.shape:
-            raise RapcError(f"{path}: tensor {name} has shape {list(weights[name].shape)}, the architecture expects {list(tensor.shape)}")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise RapcError(f"{path}: tensor {extra[0]} is not part of the architecture")
+    weights = read_safetensors(path)
+    problem = misfit(model.state_dict(), weights)
+    if problem:
+        raise RapcError(f"{path}: {problem}")
     model.load_state_dict(weights)
     return model
 

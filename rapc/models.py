@@ -167,6 +167,10 @@ def create_model(builder: str, *, allow_import: bool = False, **args: Any) -> nn
     A user factory is called as ``factory(num_classes=..., **model.kwargs)``, plus
     ``in_channels=...`` when its signature takes it (torchvision's factories do not);
     importing it runs arbitrary code, hence ``allow_import``.
+
+    ``mean`` and ``std`` None (``model.normalize: none``): no normalization. A user network is
+    then returned as it is, so its state-dict keys are the user's own; a built-in keeps its
+    ``normalize`` layer as the identity (mean 0, std 1), so its keys do not depend on the setting.
     """
     if ":" in builder:
         if not allow_import:
@@ -185,7 +189,9 @@ def create_model(builder: str, *, allow_import: bool = False, **args: Any) -> nn
             raise RapcError(f"model {builder!r}: bad arguments ({exc}); check model.kwargs") from None
         if not isinstance(net, nn.Module):
             raise RapcError(f"model {builder!r} returned {type(net).__name__}, not a torch.nn.Module")
-        return Normalized(net, mean, std)
+        return net if mean is None else Normalized(net, mean, std)
+    if "mean" in args and args["mean"] is None and "in_channels" in args:
+        args["mean"], args["std"] = [0.0] * args["in_channels"], [1.0] * args["in_channels"]
     try:
         return MODELS.get(builder)(**args)
     except TypeError as exc:

@@ -9,6 +9,8 @@ so an interrupted run never leaves a partial file where a complete one is expect
                                    pretrained model trained on for as long as pruning took
                                    (stages.dense_control), else the pretrained model itself
     runs/NAME/compressed/          the compressed, shrunk model
+    runs/NAME/allocation/          with pruning.target: the per-layer ratios solved for it
+                                   (allocation.json, reused on resume), their table and plot
     runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
                                    last, so it marks a finished run
 
@@ -75,6 +77,10 @@ class RunPaths:
     @property
     def pretrained(self) -> Path:
         return self.root / "pretrained"
+
+    @property
+    def allocation(self) -> Path:
+        return self.root / "allocation"
 
     @property
     def dense(self) -> Path:

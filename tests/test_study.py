@@ -1,4 +1,4 @@
-"""rapc study on digits: the shared dense models and the five rows of one cell, cached per row and seed."""
+"""rapc study on digits: the shared dense models and every row of one cell, cached per row and seed."""
 
 from __future__ import annotations
 
@@ -61,7 +61,10 @@ def test_study_trains_every_row_to_rapcs_architecture(study_dir: Path) -> None:
     # filter pruning at 2x halves filters and the next layer's inputs: at least 2x fewer parameters
     assert 2 <= dense["params"] / rapc["params"] <= 4.5 and rapc["macs"] < dense["macs"]
     for name in DEFAULT_ROWS:  # magnitude pruning at the same scheme and ratio keeps as many filters per layer
-        assert (rows[name]["params"], rows[name]["macs"]) == (rapc["params"], rapc["macs"]), name
+        if name != "rapc-sensitivity":
+            assert (rows[name]["params"], rows[name]["macs"]) == (rapc["params"], rapc["macs"]), name
+    # sensitivity allocation spends the rapc row's MACs over the layers otherwise: the same budget, other widths
+    assert 0.98 <= rows["rapc-sensitivity"]["macs"] / rapc["macs"] <= 1.0
     assert (rows["dense-matched"]["params"], rows["dense-matched"]["macs"]) == (dense["params"], dense["macs"])
     for row in rows.values():
         judge = row["seeds"][0]["judge"]
@@ -200,15 +203,16 @@ def test_the_judge_runs_once_per_model_for_each_protocol_and_again_on_a_row_from
     options = StudyOptions(ratios=(2.0,), schemes=("filter",), n_ensemble=3, backends=("ort-cpu",), batch_sizes=(1,), timing=QUICK)
     study(tiny_cfg, out, options)
     assert sorted(calls) == sorted(f"seed0/{n}" for n in ("dense-natural", "dense-robust", "dense-matched", *(f"r2-filter/{n}" for n in DEFAULT_ROWS)))
+    judged_models = len(calls)
     study(tiny_cfg, out, options)
-    assert len(calls) == 8
+    assert len(calls) == judged_models
     row_file = _row_dir(out, "r2-filter/rapc") / "row.json"
     assert json.loads(row_file.read_text())["judge"]["robust"]["n"] == 3
     # a row.json written before the judge: unlabelled clean/robust/autoattack figures, judged again, not misread
     old = {k: v for k, v in json.loads(row_file.read_text()).items() if k not in ("judge", "judged_with")}
     row_file.write_text(json.dumps(old | {"clean": 0.9, "robust": 0.8, "autoattack": {"n": 3, "accuracy": 0.7}}))
     rows = _rows(study(tiny_cfg, out, options).out)
-    assert calls[8:] == ["seed0/r2-filter/rapc"]
+    assert calls[judged_models:] == ["seed0/r2-filter/rapc"]
     assert "judge" in rows["rapc"]["seeds"][0] and not {"clean", "robust", "autoattack"} & set(rows["rapc"]["seeds"][0])
 
 

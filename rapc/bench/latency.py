@@ -11,6 +11,7 @@ times training steps with them).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -212,3 +213,17 @@ def backends_for_models(names: Sequence[str], models: Mapping[str, nn.Module], i
     if no_engines is not None:
         skipped |= {key: no_engines for key in skipped if BACKENDS.get(key.split(":", 1)[0]).runs == "engine"}
     return runnable, skipped
+
+
+def latency_cost(backend: str, batch: int, input_shape: tuple[int, ...],
+                 policy: TimingPolicy = TimingPolicy(warmup=5, min_iters=30, min_seconds=0.5)) -> Callable[[nn.Module], float]:
+    """The median latency in ms of a model on one bench backend at one batch size: the cost a
+    ``pruning.target.latency`` is solved for, measured as ``rapc bench`` will measure the result
+    (an ONNX backend times the model exported, as served)."""
+    def cost(model: nn.Module) -> float:
+        with tempfile.TemporaryDirectory(prefix="rapc-latency-") as folder:
+            runnable, skipped = backends_for_models([backend], {"model": model}, input_shape, Path(folder), batch)
+            if not runnable:
+                raise RapcError(f"pruning.target.backend {backend} cannot run here: {'; '.join(skipped.values())}")
+            return measure(runnable, batch, policy)[0].p50_ms
+    return cost

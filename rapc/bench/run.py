@@ -232,7 +232,7 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     splits = load_data(cfg.data, cfg.seed)
     images, labels = check_set(splits, options.n_eval)
     input_shape = tuple(read_architecture(paths.compressed).input_shape)
-    models = {name: load_model(directory).eval() for name, directory in directories.items()}
+    models = {name: load_model(directory, allow_import=cfg.model.allow_import).eval() for name, directory in directories.items()}
     example = images[:2]
 
     exported = exported_files(paths.export)

@@ -110,7 +110,7 @@ def export_run(
     result = ExportResult()
     attacked_by_model: dict[str, torch.Tensor] = {}
     for name, directory in targets.items():
-        model = load_model(directory)
+        model = load_model(directory, allow_import=cfg.model.allow_import)
         reporter.log(f"{name}: exporting to ONNX")
         fp32 = export_onnx(model, read_architecture(directory).input_shape, out / f"{name}.onnx")
         attacked, attack = adversarial(model, images, labels, protocol)

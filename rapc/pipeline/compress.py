@@ -20,25 +20,20 @@ from rapc.data import load_data
 from rapc.device import resolve_device, seed_everything
 from rapc.errors import RapcError
 from rapc.measure import compare_layers, layer_stats, sparsity, summary
-from rapc.modelio import ARCHITECTURE, WEIGHTS, Architecture, load_weights, read_architecture, resolve_model_dir, save_model
+from rapc.modelio import ARCHITECTURE, WEIGHTS, Architecture, load_weights, save_model
 from rapc.pipeline.admm import AdmmSchedule, AdmmState
+from rapc.pipeline.budget import LatencyCost, budget_report, budgeted
+from rapc.pipeline.distill import distillation
 from rapc.pipeline.distributed import Ranks, session
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import hard_prune
 from rapc.pipeline.projection import Projector, check_schemes
 from rapc.pipeline.shrink import shrink
 from rapc.pipeline.speed import training_module
+from rapc.pipeline.start import check_start, check_start_from, given_model, load_start
 from rapc.pipeline.trainer import RunData, Trainer
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import ReadOnlyRunDir, RunDir, RunPaths, open_run
-
-
-def _start_weights(model: nn.Module, path: str) -> None:
-    dense = RunPaths(path).dense
-    directory = dense if dense.is_dir() else resolve_model_dir(path)
-    if read_architecture(directory).pruning_history:
-        raise RapcError(f"stages.start_from: {directory} holds a pruned model; start from a dense one")
-    load_weights(model, directory / WEIGHTS)
+from rapc.rundir import ReadOnlyRunDir, RunDir, open_run
 
 
 def _report(model: nn.Module, test: DataLoader, cfg: Config, example: torch.Tensor, weights: Path,
@@ -62,25 +57,27 @@ class CompressResult:
     notes: list[str]
     baseline: str  # what the dense figures come from
     warnings: list[str]  # the judge's gradient-masking warnings
+    budget: dict[str, Any] | None = None  # with pruning.target: target vs achieved (budget_report)
     finished_before: bool = False  # a resumed run that had already finished: re-reported, not retrained
 
 
 STAGES = ("pretrain", "admm", "retrain", "dense-admm", "dense-retrain")  # in the order they run
 
 
-def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None) -> CompressResult | None:
+def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> CompressResult | None:
     """Run the whole pipeline in a new run directory ``out``; everything is written under it.
 
     Under torchrun every rank calls this; rank 0 writes the run and returns its result, the
-    others return None.
+    others return None. ``latency`` measures a latency target (rapc.bench.latency.latency_cost).
     """
     check_schemes(cfg.pruning)  # a misspelt scheme fails now, not after pretraining
+    check_start_from(cfg)
     with session(resolve_device(cfg.device)) as (ranks, device):
         ranks.from_main(lambda: RunDir(out).start(cfg))
-        return _pipeline_on(ranks, device, cfg, out, reporter)
+        return _pipeline_on(ranks, device, cfg, out, reporter, latency)
 
 
-def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult | None:
+def resume(out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> CompressResult | None:
     """Continue the interrupted run in ``out`` from its last checkpoints, with its own config.
 
     Finished stages are loaded, not redone; the result equals that of an uninterrupted run
@@ -92,11 +89,11 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> CompressResult 
     with session(resolve_device(cfg.device)) as (ranks, device):
         summary = ranks.from_main(lambda: _reopen(out))
         if summary is None:
-            return _pipeline_on(ranks, device, cfg, out, reporter)
+            return _pipeline_on(ranks, device, cfg, out, reporter, latency)
         if not ranks.is_main:
             return None
         return CompressResult(Path(out), summary["dense"], summary["compressed"], summary["layers"], summary["notes"],
-                              summary["baseline"], summary["warnings"], finished_before=True)
+                              summary["baseline"], summary["warnings"], summary.get("budget"), finished_before=True)
 
 
 def _reopen(out: str | Path) -> dict[str, Any] | None:
@@ -108,13 +105,15 @@ def _reopen(out: str | Path) -> dict[str, Any] | None:
     return summary
 
 
-def _pipeline_on(ranks: Ranks, device: torch.device, cfg: Config, out: str | Path, reporter: Reporter | None) -> CompressResult | None:
+def _pipeline_on(ranks: Ranks, device: torch.device, cfg: Config, out: str | Path, reporter: Reporter | None,
+                 latency: LatencyCost | None) -> CompressResult | None:
     """The pipeline on this rank: rank 0 writes the run directory and reports, the others only read it."""
     run = RunDir(out) if ranks.is_main else ReadOnlyRunDir(out)
-    return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device)
+    return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device, latency)
 
 
-def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device) -> CompressResult | None:
+def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device,
+              latency: LatencyCost | None) -> CompressResult | None:
     seed_everything(cfg.seed)
     splits = load_data(cfg.data, cfg.seed)
     architecture = Architecture.for_data(cfg.model, splits.info)
@@ -130,19 +129,23 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     if pretrained_saved:  # resuming after pretraining: the saved model is reused
         load_weights(model, run.pretrained / WEIGHTS)
     elif cfg.stages.start_from:
-        _start_weights(model, cfg.stages.start_from)
+        load_start(model, cfg.stages)
     trainer.stage("pretrain", cfg.stages.pretrain)
+    if not pretrained_saved:  # else the start passed its check before this run was interrupted
+        check_start(model, splits, cfg, run, reporter, ranks)
     pretrained = copy.deepcopy(model).eval()
     if not pretrained_saved and ranks.is_main:
         save_model(pretrained, architecture, run.pretrained)
 
-    projector = Projector(model, example, cfg.pruning)
+    pruning, allocation = budgeted(cfg, model, splits, example, run, reporter, ranks, latency)
+    projector = Projector(model, example, pruning)
     for note in projector.notes:
         reporter.log(f"note: {note}")
     params = dict(model.named_parameters())
     admm = AdmmSchedule.start(params, projector, cfg.admm, check=_same_on_every_rank(ranks) if ranks.enabled else None)
+    distill = distillation(pretrained, cfg.distill)  # the frozen dense model teaches the pruned one
     trainer.stage(
-        "admm", cfg.stages.admm, Hooks(penalty=admm.penalty, after_step=admm.after_step),
+        "admm", cfg.stages.admm, Hooks(penalty=admm.penalty, after_step=admm.after_step, loss=distill),
         after_epoch=admm.after_epoch, extra=admm, select_best=False,
     )
 
@@ -151,7 +154,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         hard = trainer.validate()
         run.log({"stage": "hard_prune", **hard, "sparsity": sparsity(model)})
         reporter.log(f"hard prune: val clean {hard['val_clean']:.3f} {hard['val_attack']} {hard['val_robust']:.3f}  sparsity {sparsity(model):.3f}")
-    trainer.stage("retrain", cfg.stages.retrain, masks.hooks(), extra=masks)
+    trainer.stage("retrain", cfg.stages.retrain, replace(masks.hooks(), loss=distill), extra=masks)
     ranks.assert_same(masks.masks, "the retraining masks")
     dense, baseline = _dense_baseline(trainer, pretrained, architecture, cfg)
     if not ranks.is_main:  # rank 0 shrinks, evaluates on the test split and writes the result
@@ -167,12 +170,13 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
+    budget = budget_report(allocation, dense_report, compressed_report) if allocation is not None else None
     run.write_summary({
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
         "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
-        "notes": notes, "baseline": baseline, "warnings": warnings,
+        "notes": notes, "baseline": baseline, "warnings": warnings, "budget": budget,
     })
-    return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings)
+    return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget)
 
 
 def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Architecture, cfg: Config) -> tuple[nn.Module, str]:
@@ -184,9 +188,10 @@ def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Archi
     model through the same two stages' epochs, optimizers and schedules, unpruned.
     """
     stages = cfg.stages
-    if not stages.dense_control:
-        description = (f"the pretrained model ({stages.pretrain.epochs} epochs; not budget-matched: the compressed model "
-                       f"trained {stages.admm.epochs + stages.retrain.epochs} more)")
+    if not stages.trains_dense_control:
+        description = given_model(stages) if stages.weights_file else (
+            f"the pretrained model ({stages.pretrain.epochs} epochs; not budget-matched: the compressed model "
+            f"trained {stages.admm.epochs + stages.retrain.epochs} more)")
         control = pretrained
     else:
         description = (f"a budget-matched control: the pretrained model trained unpruned for the ADMM and retraining "

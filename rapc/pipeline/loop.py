@@ -29,6 +29,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Hooks:  # frozen: the shared default Hooks() cannot be changed by a caller
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss (ADMM's proximal term)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (inputs, logits) -> a term added to the loss (distillation)
     before_step: Callable[[], None] | None = None  # e.g. mask gradients
     after_step: Callable[[], None] | None = None  # e.g. re-apply masks, step-wise ADMM updates
 
@@ -163,8 +164,11 @@ def train_epoch(
         inputs = perturb(model, x, y, attack, dtype) if attack is not None else x
         with autocast:
             logits = model(inputs)
+            extra = hooks.loss(inputs, logits) if hooks.loss is not None else None
         loss = F.cross_entropy(logits.float(), y)
         objective = loss + hooks.penalty() if hooks.penalty is not None else loss
+        if extra is not None:
+            objective = objective + extra
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(objective).backward()

@@ -61,7 +61,7 @@ from rapc.pipeline.speed import training_module
 from rapc.pipeline.trainer import RunData, Trainer, eps_epochs
 from rapc.progress import Reporter
 from rapc.registry import Registry
-from rapc.rundir import RunDir, RunPaths
+from rapc.rundir import RunDir, RunPaths, open_run
 
 MODEL = "model"  # the final model's directory inside a row's directory (the rapc row's is its run's compressed/)
 
@@ -218,20 +218,65 @@ def matched_dense(cell: Cell, directory: Path) -> Trained:
                    "dense-robust -> the ADMM and retraining stages' recipes, unpruned (rapc compress's budget-matched dense control)")
 
 
-@ROWS.register("rapc", marker="o", summary="the pipeline")
-def rapc_row(cell: Cell, directory: Path) -> Trained:
-    """rapc's pipeline after pretraining: the pretraining stage is the shared robust dense model."""
+def _pipeline_row(cell: Cell, directory: Path, name: str, edit: Callable[[dict], None]) -> None:
+    """``rapc compress`` from dense-robust, after pretraining (the shared robust dense model is its pretraining
+    stage), with the config edited by ``edit``; a row started before is continued or only re-read."""
     data = cell.cfg.model_dump(mode="json")
     data["stages"]["start_from"] = str(cell.model_of("dense-robust"))
     data["stages"]["pretrain"]["epochs"] = 0
     data["stages"]["dense_control"] = False  # the study trains its own dense rows
-    cfg = validate(data, f"rapc row of {cell.ratio:g}x {cell.scheme}")
-    if RunPaths(directory).config_path.is_file():  # started before: continued from its checkpoints, or only re-read
+    data["stages"]["check_start"] = False  # dense-robust is measured as a row of its own
+    edit(data)
+    cfg = validate(data, f"{name} row of {cell.ratio:g}x {cell.scheme}")
+    if RunPaths(directory).config_path.is_file():
         resume(directory, cell.reporter)
     else:
         compress(cfg, directory, cell.reporter)
-    return Trained(phases(cell.cfg, "pretrain", shared=True) + phases(cell.cfg, *AFTER_PRETRAINING),
-                   "dense-robust -> adversarial ADMM -> hard prune -> masked adversarial retraining -> shrink")
+
+
+def _pipeline_trained(cell: Cell, recipe: str) -> Trained:
+    return Trained(phases(cell.cfg, "pretrain", shared=True) + phases(cell.cfg, *AFTER_PRETRAINING), recipe)
+
+
+DISTILL_WEIGHT = 1.0  # the rapc+distill row's weight when the config leaves distillation off
+
+
+@ROWS.register("rapc", marker="o", summary="the pipeline")
+def rapc_row(cell: Cell, directory: Path) -> Trained:
+    def without_distillation(data: dict) -> None:
+        data["distill"]["weight"] = 0.0
+
+    _pipeline_row(cell, directory, "rapc", without_distillation)
+    return _pipeline_trained(cell, "dense-robust -> adversarial ADMM -> hard prune -> masked adversarial retraining -> shrink")
+
+
+@ROWS.register("rapc+distill", marker="P", summary="the pipeline, distilling from dense-robust during ADMM and retraining")
+def rapc_distill_row(cell: Cell, directory: Path) -> Trained:
+    weight = cell.cfg.distill.weight or DISTILL_WEIGHT
+
+    def with_distillation(data: dict) -> None:
+        data["distill"]["weight"] = weight
+
+    _pipeline_row(cell, directory, "rapc+distill", with_distillation)
+    return _pipeline_trained(cell, f"rapc's pipeline, its loss plus {weight:g} x T^2 x KL(dense-robust || student) at "
+                                   f"T={cell.cfg.distill.temperature:g} on the student's adversarial examples (ADMM and retraining)")
+
+
+@ROWS.register("rapc-sensitivity", marker="X", summary="the pipeline at the rapc row's MACs, per-layer ratios by robustness sensitivity")
+def rapc_sensitivity_row(cell: Cell, directory: Path) -> Trained:
+    """The rapc row's budget spent otherwise: the same fraction of the dense MACs, as pruning.target,
+    allocated over layers by their adversarial-loss sensitivity instead of one ratio per layer."""
+    summary = open_run(cell.model_of("rapc").parent).summary()
+    fraction = summary["compressed"]["macs"] / summary["dense"]["macs"]
+
+    def at_the_rapc_rows_macs(data: dict) -> None:
+        data["distill"]["weight"] = 0.0
+        data["pruning"]["target"] = {"macs": fraction}
+        data["pruning"]["allocation"] = "sensitivity"
+
+    _pipeline_row(cell, directory, "rapc-sensitivity", at_the_rapc_rows_macs)
+    return _pipeline_trained(cell, f"rapc's pipeline to {fraction:.3f} of the dense MACs (the rapc row's), per-layer ratios "
+                                   f"allocated by adversarial-loss sensitivity")
 
 
 def initial_shrunk(cfg: Config, shrunk: Architecture, device: torch.device, fresh: bool) -> nn.Module:
