@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rapc.bench.backends import BACKENDS
-from rapc.config import DEFAULT_PRESET, TARGET_METRICS, WEIGHTS_SUFFIXES, ConfigWarning, load_config, presets
+from rapc.config import DEFAULT_PRESET, TARGET_METRICS, WEIGHTS_SUFFIXES, ConfigWarning, describe, load_config, presets
 from rapc.errors import RapcError
 from rapc.export.precision import PRECISIONS
 from rapc.export.tensorrt import DEFAULT_RTX_TARGET, RTX_TARGETS
@@ -170,11 +170,7 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
         except RapcError as exc:
             raise RapcError(f"pruning.target.backend: {exc}") from None
     console = log_console(quiet=env_rank() != 0)  # the other ranks of a torchrun: rank 0 reports
-    budget = (f"to {cfg.pruning.target.fraction:g} of the dense model's {cfg.pruning.target.metric}" if cfg.pruning.target
-              else f"at ratio {cfg.pruning.ratio:g}")
-    width = "" if ":" in cfg.model.name else f" (w={cfg.model.width})"  # a user factory takes no width
-    console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {cfg.model.name}{width} on {cfg.data.name}, "
-                  f"{cfg.pruning.scheme} pruning {budget} -> {out}", markup=False)
+    console.print(f"rapc compress{' (resumed)' if resume_run else ''}: {describe(cfg)} -> {out}", markup=False)
     try:
         with RichReporter(console) as reporter:
             result = resume(out, reporter, latency_cost) if resume_run else run_compress(cfg, out, reporter, latency_cost)

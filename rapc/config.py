@@ -296,6 +296,14 @@ class Config(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
+def describe(cfg: Config) -> str:
+    """One line for headings: the model, the data, the scheme and the budget (a target, or the per-layer ratio)."""
+    width = "" if ":" in cfg.model.name else f" (w={cfg.model.width})"  # a user factory takes no width
+    target = cfg.pruning.target
+    budget = f"to {target.fraction:g} of the dense model's {target.metric}" if target else f"at ratio {cfg.pruning.ratio:g}"
+    return f"{cfg.model.name}{width} on {cfg.data.name}, {cfg.pruning.scheme} pruning {budget}"
+
+
 def presets() -> list[str]:
     """Names of the configs shipped with rapc."""
     return sorted(p.name.removesuffix(".yaml") for p in importlib.resources.files("rapc.configs").iterdir() if p.name.endswith(".yaml"))

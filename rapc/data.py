@@ -114,7 +114,11 @@ def _torchvision(cfg: DataConfig, seed: int, info: DatasetInfo, make, augment: l
         hint = "" if cfg.download else "; set data.download=true on a machine with network access"
         raise RapcError(f"dataset files not found under {cfg.root} ({' '.join(str(exc).split())}){hint}") from None
     train_idx, val_idx = _carve_val(len(train_aug), cfg.val_fraction, seed)
-    return Splits(Subset(_Labelled(train_aug), train_idx), Subset(_Labelled(train_plain), val_idx), _Labelled(test), info)
+    # A test set on disk may be in class order (an image folder always is): shuffled once, with a fixed seed,
+    # so that the first n images every evaluation subset takes (eval.n_ensemble, bench --n-eval) sample every class.
+    test_order = _permutation(len(test), _SPLIT_SEED).tolist()
+    return Splits(Subset(_Labelled(train_aug), train_idx), Subset(_Labelled(train_plain), val_idx),
+                  Subset(_Labelled(test), test_order), info)
 
 
 def _cifar_augment() -> list:

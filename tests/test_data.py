@@ -65,3 +65,23 @@ def test_the_random_dataset_has_cifar_shapes_and_is_reproducible():
     x, y = a.train[0]
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1 and a.info.num_classes == 10
     assert torch.equal(x, b.train[0][0]) and int(y) == int(b.train[0][1])
+
+
+def test_a_head_of_an_imagefolder_test_split_samples_every_class_in_a_fixed_order(tmp_path):
+    """An image folder lists its test images class by class: the first n images an evaluation takes
+    (eval.n_ensemble, bench --n-eval) must not be the first classes only, and must be the same every run."""
+    from PIL import Image
+
+    from rapc.data import head
+
+    classes = [f"c{k}" for k in range(5)]
+    for split in ("train", "test"):
+        for k, label in enumerate(classes):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(20):
+                Image.new("L", (8, 8), color=10 * k + i).save(folder / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), val_fraction=0.2)
+    labels = [[y for _, y in head(load_data(cfg, seed=s).test, 25)] for s in (0, 1)]
+    assert set(labels[0]) == set(range(5))  # in folder order the first 25 would be classes 0 and 1 only
+    assert labels[0] == labels[1]  # fixed, independent of the run seed

@@ -115,8 +115,7 @@ def _markdown_report(report: dict[str, Any]) -> str:
     parts = [
         f"# rapc bench: {report['run']}",
         "",
-        f"{report['model']['name']} (w={report['model']['width']}) on {report['data']}, {report['pruning']['scheme']} pruning "
-        f"at ratio {report['pruning']['ratio']:g}. Measured {report['created']} on {device}; torch {m['versions'].get('torch')}, "
+        f"{report['compressed']}. Measured {report['created']} on {device}; torch {m['versions'].get('torch')}, "
         f"{m['torch_threads']} threads (onnxruntime pinned to the same).",
         "",
     ]

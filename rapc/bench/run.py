@@ -26,6 +26,7 @@ from rapc.bench.backends import BACKENDS, Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
 from rapc.bench.report import skipped_lines, write_report
 from rapc.bench.robustness import bench_protocol, replay
+from rapc.config import describe
 from rapc.data import load_data
 from rapc.device import resolve_device
 from rapc.errors import RapcError
@@ -266,7 +267,7 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     report = {
         "run": str(run), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "data": cfg.data.name, "model": {"name": cfg.model.name, "width": cfg.model.width},
-        "pruning": {"scheme": cfg.pruning.scheme, "ratio": cfg.pruning.ratio},
+        "pruning": {"scheme": cfg.pruning.scheme, "ratio": cfg.pruning.ratio}, "compressed": describe(cfg),
         "judge": asdict(protocol), "n_eval": len(labels), "models": figures,
         "robustness": {name: r.to_dict() for name, r in robustness.items()},
         "worst_case_label": robustness["dense"].worst_case_label(),
