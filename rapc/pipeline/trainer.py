@@ -193,7 +193,10 @@ class Trainer:
         def measure() -> dict[str, Any]:  # on rank 0 only: the guard's PGD draws random starts
             figures = self._selection() | {"sparsity": sparsity(self.model)}
             if state.guard is not None and state.epoch_start is not None:
-                figures["guard_pgd"], figures["catastrophic_overfitting"] = state.guard.check(self.model)
+                # at full eps the epoch's training accuracy (against its FGSM) is comparable with the guard's PGD
+                at_full_eps = attack is not None and attack.eps >= attack_cfg.eps >= self.cfg.attack.eval.eps
+                fgsm = record["train_acc"] if at_full_eps else None
+                figures["guard_pgd"], figures["catastrophic_overfitting"] = state.guard.check(self.model, fgsm)
             return figures
 
         record |= self.ranks.from_main(measure)
@@ -202,7 +205,8 @@ class Trainer:
         self.run.log(record)
         self.reporter.end(_epoch_line(record, plan.config.epochs))
         if collapsed:
-            self.reporter.log(f"warning: {name} epoch {epoch}: PGD accuracy on a training batch collapsed (catastrophic overfitting of FGSM training)")
+            self.reporter.log(f"warning: {name} epoch {epoch}: PGD accuracy on a training batch collapsed or stayed far below FGSM's "
+                              f"({record['guard_pgd']:.1%} vs {record['train_acc']:.1%}): catastrophic overfitting of FGSM training")
             if attack_cfg.guard.action == "stop":
                 self.model.load_state_dict(state.epoch_start)
                 self.reporter.log(f"{name}: stopped; kept the weights of epoch {epoch - 1}")

@@ -19,3 +19,15 @@ def test_guard_flags_a_collapse_of_pgd_accuracy_but_not_a_steady_model(trained_l
     accuracy, collapsed = guard.check(broken)
     assert collapsed and accuracy < first - 0.2
     assert guard.best == first
+
+
+def test_guard_flags_a_model_whose_pgd_accuracy_never_rose_far_below_its_fgsm_training_accuracy(trained_lenet, digits):
+    """Overfit from the start, FGSM-RS leaves no peak to fall from: a model that holds no PGD at this eps
+    (trained on clean inputs) is flagged on the first check when its FGSM training accuracy is high,
+    and not when FGSM held as little, nor without the FGSM figure (ramp epochs)."""
+    batch = next(iter(loader(digits.train, 128, shuffle=False)))
+    attack = AttackConfig(method="pgd", eps=0.3, steps=10)
+    pgd, collapsed = OverfitGuard(batch, attack, drop=0.2).check(trained_lenet, fgsm_accuracy=0.85)
+    assert pgd < 0.2 and collapsed
+    assert not OverfitGuard(batch, attack, drop=0.2).check(trained_lenet, fgsm_accuracy=pgd + 0.1)[1]
+    assert not OverfitGuard(batch, attack, drop=0.2).check(trained_lenet)[1]
