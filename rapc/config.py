@@ -234,8 +234,9 @@ class PruningConfig(Strict):
     scheme: Scheme = "filter"
     ratio: Ratio = 0.5
     target: TargetConfig | None = Field(None, description="a whole-model budget solved into per-layer ratios; replaces `ratio`")
-    allocation: Literal["uniform", "sensitivity"] | None = Field(
-        None, description="how a target is split over layers; None: sensitivity. uniform: one ratio for every layer")
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="how a target is split over layers: uniform, one ratio for every layer; sensitivity, by each "
+        "layer's adversarial-loss rise when pruned alone (measured worse under the ensemble on digits and mnist5k: README)")
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     nm: tuple[PositiveInt, PositiveInt] = (2, 4)
     layers: list[LayerRule] = Field(default_factory=list, description="overrides; the last matching rule wins")

@@ -56,7 +56,7 @@ def _solve(cfg: Config, model: nn.Module, splits: Splits, example: torch.Tensor,
            latency: LatencyCost | None) -> dict:
     pruning = cfg.pruning
     measured = None
-    if pruning.allocation != "uniform":  # sensitivity is the default allocation
+    if pruning.allocation == "sensitivity":
         # Training images in a fixed order: the test split must not steer pruning.
         batches = loader(head(splits.train, pruning.sensitivity.n_images), cfg.data.eval_batch_size, shuffle=False)
         images, labels = (torch.cat(part) for part in zip(*batches))
