@@ -17,7 +17,7 @@ import time
 import torch
 import torchattacks
 
-from rapc.data import head, load_data, loader
+from rapc.data import first, load_data
 from rapc.modelio import load_model
 from rapc.rundir import open_run
 
@@ -55,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     run = open_run(args.run)
     cfg = run.config()
-    images, labels = zip(*loader(head(load_data(cfg.data, cfg.seed).test, args.n), 500, shuffle=False))
-    x, y = torch.cat(images), torch.cat(labels)
+    x, y = first(load_data(cfg.data, cfg.seed).test, args.n)
     summary = run.summary() or {}
     wanted = args.models.split(",") if args.models else None
     for name, directory in run.models().items():

@@ -259,6 +259,12 @@ def head(dataset: Dataset, n: int | None) -> Dataset:
     return Subset(dataset, range(n))
 
 
+def first(dataset: Dataset, n: int | None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n examples (all when n is None) as one tensor of images and one of labels, in order."""
+    images, labels = zip(*loader(head(dataset, n), batch_size, shuffle=False))
+    return torch.cat(images), torch.cat(labels)
+
+
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, workers: int = 0, pin: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rapc.config import Config
-from rapc.data import Splits, head, load_data, loader
+from rapc.data import Splits, first, head, load_data, loader
 from rapc.errors import RapcError
 from rapc.export.fidelity import Agreement, compare
 from rapc.export.onnx import export_onnx
@@ -49,8 +49,7 @@ class EngineOptions:
 
 def check_set(splits: Splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test images and labels of the run's dataset."""
-    images, labels = zip(*loader(head(splits.test, n), 512, shuffle=False))
-    return torch.cat(images), torch.cat(labels)
+    return first(splits.test, n)
 
 
 def check_protocol(cfg: Config) -> Protocol:

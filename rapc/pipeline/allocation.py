@@ -41,7 +41,7 @@ from torch import nn
 from rapc.config import LayerRule, PruningConfig, ShrinkConfig
 from rapc.errors import RapcError
 from rapc.measure import macs_and_params
-from rapc.pipeline.masks import hard_prune
+from rapc.pipeline.masks import MaskSet, hard_prune
 from rapc.pipeline.projection import Projector, layer_plans
 from rapc.pipeline.sensitivity import Sensitivity, Unit, allocation_units
 from rapc.pipeline.shrink import shrink
@@ -185,9 +185,7 @@ class _Costs:
         masks: dict[str, torch.Tensor] = {}
         for unit in self.units:
             masks.update(unit.at(state[unit.name]).masks(params, params))
-        with torch.no_grad():
-            for name, mask in masks.items():
-                params[name].mul_(mask)
+        MaskSet(pruned, masks).apply()
         return float(self.cost(shrink(pruned, self.example, self.shrink_cfg).model))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rapc.config import Config, PruningConfig, TargetConfig
-from rapc.data import Splits, head, loader
+from rapc.data import Splits, first
 from rapc.errors import RapcError
 from rapc.pipeline.allocation import Allocation, Cost, allocate, metric_cost, plot_sensitivity
 from rapc.pipeline.distributed import Ranks
@@ -58,8 +58,7 @@ def _solve(cfg: Config, model: nn.Module, splits: Splits, example: torch.Tensor,
     measured = None
     if pruning.allocation == "sensitivity":
         # Training images in a fixed order: the test split must not steer pruning.
-        batches = loader(head(splits.train, pruning.sensitivity.n_images), cfg.data.eval_batch_size, shuffle=False)
-        images, labels = (torch.cat(part) for part in zip(*batches))
+        images, labels = first(splits.train, pruning.sensitivity.n_images, cfg.data.eval_batch_size)
         measured = sensitivity(model, example, pruning, images, labels, cfg.attack.train, reporter, seed=cfg.seed)
     allocation = allocate(model, example, pruning, cfg.shrink, target_cost(pruning.target, example, latency), measured, reporter)
     folder = run.allocation

@@ -18,6 +18,7 @@ from torch import nn
 
 from rapc.attacks import perturb
 from rapc.config import AttackConfig, PruningConfig
+from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.projection import GroupUnit, LayerUnit, Projector, layer_plans
 from rapc.pipeline.schemes import n_keep
 from rapc.progress import Reporter, SilentReporter
@@ -170,9 +171,7 @@ def sensitivity(
             for ratio in ratios:
                 masks = unit.at(ratio).masks(params, params)
                 saved = {name: params[name].detach().clone() for name in masks}
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        params[name].mul_(mask)
+                MaskSet(model, masks).apply()
                 try:
                     rise[unit.name].append(_adversarial_loss(model, x, y, attack, starts, batch_size) - baseline)
                 finally:
