@@ -392,7 +392,9 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple
                    + ", ".join(f"{name} ({ROWS.info(name).get('summary', 'see rapc/study/rows.py')})" for name in ROWS) + ".")
 @click.option("--seeds", type=click.IntRange(min=1), default=STUDY_DEFAULTS.seeds, show_default=True,
               help="Train every shared dense model and every row N times, with the config's seed, seed + 1, ...; the table "
-                   "gives each figure's mean and standard deviation across them (each seed's figures are in study.json).")
+                   "gives each figure's mean and standard deviation across them (each seed's figures are in study.json). "
+                   "Seeds can run in parallel: '--set seed=1' in another process on the same --out trains seed 1 alone, "
+                   "and a last '--seeds N' call gathers the finished seeds.")
 @click.option("--n-ensemble", "--n-autoattack", "n_ensemble", type=click.IntRange(min=1), default=STUDY_DEFAULTS.n_ensemble,
               help="The judge's ensemble APGD-CE + APGD-T (100 steps, 9 targets) on the first N test images of every model "
                    f"(default {STUDY_DEFAULTS.n_ensemble or 'all'}; it is slow on CPU). The table gives n and the standard error.")

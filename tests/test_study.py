@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -266,7 +267,8 @@ def test_study_row_without_its_result_file_is_remeasured_from_its_checkpoints(st
     assert (_row_dir(study_dir, "r2-filter/scratch") / "row.json").is_file()
 
 
-def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_dir: Path, tiny_cfg: Config, tmp_path: Path) -> None:
+def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_dir: Path, tiny_cfg: Config, tmp_path: Path,
+                                                                       monkeypatch) -> None:
     out = shutil.copytree(study_dir, tmp_path / "copy")  # seed 0 is read; seed 1 trains the dense models and one row
     before = (_row_dir(out, "r2-filter/oneshot-magnitude") / "row.json").read_text()
     options = StudyOptions(ratios=(2.0,), schemes=("filter",), rows=("oneshot-magnitude",), n_ensemble=N_ENSEMBLE, seeds=2,
@@ -287,3 +289,15 @@ def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_di
     assert "mean ± standard deviation across 2 seeds" in text and "(0, 1)" in text
     robust = report["rows"][0]["robust"]
     assert f"{robust['mean']:.1%} ± {robust['std'] * 100:.1f}" in text
+    for line in report["dense"] + report["rows"]:  # each seed's attacks are seeded by it...
+        assert [row["judged_with"]["protocol"]["seed"] for row in line["seeds"]] == [0, 1]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained or judged again")
+
+    # ... so seed 1 alone (another process, say) finds its rows finished and judged as --seeds 2 left them
+    for name in ("rapc.study.rows.compress", "rapc.pipeline.trainer.train_epoch", "rapc.study.run.judged"):
+        monkeypatch.setattr(name, fail)
+    alone = study(tiny_cfg.model_copy(update={"seed": 1}), out, replace(options, seeds=1)).report
+    assert alone["seeds"] == [1]
+    assert [line["robust"]["mean"] for line in alone["rows"]] == [line["robust"]["per_seed"][1] for line in report["rows"]]

@@ -12,9 +12,11 @@ N trains only the new seeds), and an interrupted row continues from its stage ch
 The report gives each row's mean and standard deviation across seeds (seeds.py). The judge's
 verdict is cached with the row under the protocol it was measured with (``judged_with``):
 another protocol or n, or a row.json from before the judge, is judged again without
-retraining. Every seed's models are judged with the same protocol (its attacks' seed is the
-config's). Latency is measured again on every call (seconds), all models of the first seed
-interleaved.
+retraining. A seed's models are judged with the protocol seeded by that seed, so the attacks'
+random starts vary with the training seed (the spread covers both), and a seed's rows are the
+same whether ``--seeds 3`` trained them or ``--set seed=1`` did in another process on the same
+OUT: seeds can run in parallel and a last ``--seeds N`` call gathers them. Latency is measured
+again on every call (seconds), all models of the first seed interleaved.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class _Study:
         self.root, self.reporter = root, reporter
         self.device = resolve_device(cfg.device)
         self.data = TestData.make(cfg)  # the test split does not depend on the seed
-        self.protocol = protocol(cfg, options.n_ensemble)
+        self.n_ensemble = options.n_ensemble
+        self.protocol = protocol(cfg, options.n_ensemble)  # the first seed's; seed s judges with protocol(seed s)
         self.seeds = [cfg.seed + i for i in range(options.seeds)]
         self.cell_keys = [f"r{r:g}-{s}" for r, s in cells]
         self.shared: dict[int, Cell] = {}
@@ -149,11 +152,12 @@ class _Study:
 
         directory = self.root / where
         row = cached(directory, ROW_FILE, _claim(cell.cfg), train_and_measure)
-        key_now = {"format": JUDGE_FORMAT, "protocol": asdict(self.protocol), "n_test": len(self.data.test.dataset)}
+        judge_with = protocol(cell.cfg, self.n_ensemble)
+        key_now = {"format": JUDGE_FORMAT, "protocol": asdict(judge_with), "n_test": len(self.data.test.dataset)}
         if row.get("judged_with") != key_now:  # trained now, or judged before with another protocol, n or format
             for stale in STALE:
                 row.pop(stale, None)
-            row |= {"judge": judged(final_model(directory), cell.cfg, self.data, self.protocol, self.device, self.reporter, where),
+            row |= {"judge": judged(final_model(directory), cell.cfg, self.data, judge_with, self.device, self.reporter, where),
                     "judged_with": key_now}
             write_json(directory / ROW_FILE, row)
         self.rows[seed, key] = row
