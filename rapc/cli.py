@@ -195,6 +195,9 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
             out_console.print(f"warning: {b['reason']}", style="yellow", markup=False)
     for note in result.notes:
         out_console.print(f"note: {note}", markup=False)
+    if result.seconds:
+        parts = " · ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
+        out_console.print(f"time: {parts} ({sum(result.seconds.values()) / 60:.1f} min in all)", markup=False)
     for warning in result.warnings:
         out_console.print(f"warning: {warning}", style="yellow", markup=False)
     click.echo(f"run directory: {result.run}")

@@ -70,6 +70,18 @@ def test_compress_writes_one_metrics_line_per_epoch_with_admm_residuals(digits_r
     assert all(r["sparsity"] == pytest.approx(retrain[0]["sparsity"]) and r["sparsity"] > 0.3 for r in retrain)
 
 
+def test_the_summary_and_the_output_say_where_the_time_went(digits_run):
+    out, proc = digits_run
+    seconds = json.loads((out / "summary.json").read_text())["seconds"]
+    assert list(seconds) == ["pretrain", "admm", "retrain", "dense control", "final judge"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage, prefix in (("pretrain", "pretrain"), ("admm", "admm"), ("retrain", "retrain"), ("dense control", "dense-")):
+        logged = sum(r["seconds"] for r in records if r["stage"].startswith(prefix) and "epoch" in r)
+        assert seconds[stage] == pytest.approx(logged) and logged > 0, stage
+    assert seconds["final judge"] > 0
+    assert re.search(r"time: pretrain \d+ s · admm \d+ s · .* final judge \d+ s \(\d+\.\d min in all\)", " ".join(proc.stdout.split()))
+
+
 def test_the_dense_baseline_trained_as_long_as_the_compressed_model(digits_run):
     """The dense figures come from the pretrained model trained on, unpruned, through the ADMM and
     retraining stages' schedules: the comparison is at an equal training budget and says so."""

@@ -18,7 +18,7 @@ def test_default_is_the_mnist_lenet_filter_preset():
     assert cfg.attack.train.eps == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("name", ["mnist-lenet-filter", "mnist-lenet-column", "cifar10-resnet18-filter", "cifar10-vgg16-column"])
+@pytest.mark.parametrize("name", ["mnist-lenet-filter", "mnist-lenet-filter-long", "mnist-lenet-column", "cifar10-resnet18-filter", "cifar10-vgg16-column"])
 def test_required_presets_load_with_the_papers_threat_model(name):
     cfg = load_config(name)
     if name.startswith("cifar10"):

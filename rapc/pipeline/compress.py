@@ -5,6 +5,8 @@ masked adversarial retraining -> physical shrink, written to one run directory.
 from __future__ import annotations
 
 import copy
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +60,7 @@ class CompressResult:
     baseline: str  # what the dense figures come from
     warnings: list[str]  # the judge's gradient-masking warnings
     budget: dict[str, Any] | None = None  # with pruning.target: target vs achieved (budget_report)
+    seconds: dict[str, float] | None = None  # where the time went (_seconds); None in a summary from before it
     finished_before: bool = False  # a resumed run that had already finished: re-reported, not retrained
 
 
@@ -93,7 +96,8 @@ def resume(out: str | Path, reporter: Reporter | None = None, latency: LatencyCo
         if not ranks.is_main:
             return None
         return CompressResult(Path(out), summary["dense"], summary["compressed"], summary["layers"], summary["notes"],
-                              summary["baseline"], summary["warnings"], summary.get("budget"), finished_before=True)
+                              summary["baseline"], summary["warnings"], summary.get("budget"), summary.get("seconds"),
+                              finished_before=True)
 
 
 def _reopen(out: str | Path) -> dict[str, Any] | None:
@@ -165,8 +169,10 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     save_model(result.model, replace(architecture, pruning_history=result.history), run.compressed)
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
 
+    judging = time.perf_counter()
     dense_report = _report(dense, data.test, cfg, example, run.dense / WEIGHTS, reporter, "dense")
     compressed_report = _report(result.model, data.test, cfg, example, run.compressed / WEIGHTS, reporter, "compressed")
+    seconds = _seconds(run, time.perf_counter() - judging)
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
@@ -174,9 +180,23 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     run.write_summary({
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
         "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
-        "notes": notes, "baseline": baseline, "warnings": warnings, "budget": budget,
+        "notes": notes, "baseline": baseline, "warnings": warnings, "budget": budget, "seconds": seconds,
     })
-    return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget)
+    return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget, seconds)
+
+
+def _seconds(run: RunDir, judging: float) -> dict[str, float]:
+    """Where the run's time went: each stage's epochs (training and selection) as metrics.jsonl
+    logged them, so the epochs of an interrupted run count too (an epoch resumed from inside
+    counts from its resume), the dense control's two stages as one, and the final judge of both
+    models. Setup (data, the start check, an allocation) and the shrink are not counted."""
+    stages: dict[str, float] = {}
+    for line in run.metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "epoch" in record and "seconds" in record:
+            stage = "dense control" if record["stage"].startswith("dense-") else record["stage"]
+            stages[stage] = stages.get(stage, 0.0) + record["seconds"]
+    return stages | {"final judge": judging}
 
 
 def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Architecture, cfg: Config) -> tuple[nn.Module, str]:
