@@ -7,9 +7,10 @@ table ``RECIPES`` below) and every budget multiplier (each stage's epochs, clean
 ramp scaled by it, rounded, at least 1), one ``compress()`` run in its own directory
 ``OUT/<recipe>-x<multiplier>/``. One run is one point:
 
-- seconds: wall-clock (time.perf_counter) of the whole pipeline: data loading, pretraining, ADMM,
-  hard prune, masked retraining, each epoch with its validation, shrink and saving; the final
-  judging is excluded (timed apart, as judge_seconds in point.json);
+- seconds: the pipeline's training time as compress() records it in its summary (``seconds``):
+  every epoch of pretraining, ADMM and masked retraining with its validation, wall-clock; the
+  final judging is excluded (timed apart, as judge_seconds in point.json), and so are the few
+  seconds of data loading, hard prune, shrink and saving;
 - the compressed model's MAC ratio (dense / compressed) and its clean, PGD and ensemble (PGD +
   APGD-CE + APGD-T) accuracy under rapc's judge (``judge.final_protocol`` of the config's
   ``attack.eval``), with each attack's label, n and standard error, all on the first ``--n`` test
@@ -27,8 +28,7 @@ x1, + 20% for timing noise: the default's time budget on this machine with these
 
 Points are the unit of work, run budget by budget: a finished point keeps its ``point.json`` and
 is never run again; an interrupted one continues from its last checkpoint
-(``rapc.pipeline.compress.resume``), its seconds adding up the segments, the work a resume redoes
-counted once. So a long measurement can run in the background, be stopped and be started again
+(``rapc.pipeline.compress.resume``), its seconds the epochs metrics.jsonl kept, each counted once. So a long measurement can run in the background, be stopped and be started again
 with the same command; ``--finished-only`` tables the points finished so far and trains nothing.
 
     .venv/bin/python benchmarks/time_to_robustness.py --threads 1
@@ -45,7 +45,6 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 import textwrap
 import time
@@ -62,9 +61,9 @@ from rapc.data import head, load_data, loader
 from rapc.device import resolve_device
 from rapc.errors import RapcError
 from rapc.modelio import load_model
-from rapc.pipeline.compress import STAGES, CompressResult, compress, resume
+from rapc.pipeline.compress import CompressResult, compress, resume
 from rapc.progress import Reporter, RichReporter, log_console
-from rapc.rundir import RunDir, RunPaths, atomic_write
+from rapc.rundir import RunPaths, atomic_write
 from rapc.tables import Table
 
 
@@ -101,8 +100,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 PRESET_BUDGET = "preset"  # --time-budget preset: the seconds of the preset recipe at x1,
 PRESET_SLACK = 1.2  # plus 20%, so that a recipe with the same epochs is not ruled out by timing noise (12% seen on digits)
 POINT = "point.json"  # a finished point: everything the table needs
-TIMING = "timing.jsonl"  # the pipeline's seconds so far, one line per finished epoch: what a resume adds to
-FINAL_JUDGE = re.compile(r"judge \((final|full)\)$")  # the title judge_loader reports the final figures under
 progress = log_console()
 
 
@@ -182,92 +179,17 @@ def _lookup(data: dict[str, Any], key: str) -> Any:
     return data
 
 
-class Stopwatch:
-    """A Reporter that passes everything on and times the pipeline until the judge's final figures begin.
-
-    At every finished epoch (the trainer logs the epoch, reports it, then checkpoints it) it appends
-    the seconds so far and the size metrics.jsonl has then to TIMING; a resume cuts metrics.jsonl back
-    to what the checkpoint covers, and the line with that size says what the kept work had cost.
-    (With stages.checkpoint_every_steps, the part of an epoch before its checkpoint is not counted.)
-    """
-
-    def __init__(self, inner: Reporter, run: RunPaths, prior: float) -> None:
-        self.inner, self.run, self.prior = inner, run, prior
-        self.start = time.perf_counter()
-        self.trained: float | None = None
-
-    def elapsed(self) -> float:
-        return self.prior + time.perf_counter() - self.start
-
-    def _append(self, record: dict[str, Any]) -> None:
-        with open(self.run.root / TIMING, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def begin(self, title: str, total: int) -> None:
-        if self.trained is None and FINAL_JUDGE.search(title):
-            self.trained = self.elapsed()
-            self._append({"trained": True, "seconds": self.trained})
-        self.inner.begin(title, total)
-
-    def advance(self, live: dict[str, float] | None = None) -> None:
-        self.inner.advance(live)
-
-    def end(self, summary: str) -> None:
-        if self.trained is None:
-            size = self.run.metrics.stat().st_size if self.run.metrics.is_file() else 0
-            self._append({"metrics_bytes": size, "seconds": self.elapsed()})
-        self.inner.end(summary)
-
-    def log(self, text: str) -> None:
-        self.inner.log(text)
-
-
-def _timing(run: RunPaths) -> list[dict[str, Any]]:
-    path = run.root / TIMING
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def seconds_kept(run: RunPaths) -> float:
-    """The seconds the work a resume keeps had cost: the last epoch line written at metrics.jsonl's size now.
-
-    Within a segment the sizes only grow, and a later segment's lines come later in the file, so
-    the last line at or below the size is the current segment's, not a stale one of an earlier try.
-    """
-    kept = run.metrics.stat().st_size if run.metrics.is_file() else 0
-    seconds = 0.0
-    for record in _timing(run):
-        if "metrics_bytes" in record and record["metrics_bytes"] <= kept:
-            seconds = record["seconds"]
-    return seconds
-
-
 def run_point(point: Point, reporter: Reporter) -> tuple[CompressResult, float, bool]:
-    """compress() the point, or continue its interrupted run: (result, pipeline seconds, resumed)."""
+    """compress() the point, or continue its interrupted run: (result, training seconds, resumed)."""
     run = RunPaths(point.directory)
-    if not run.config_path.is_file():
-        (point.directory / TIMING).unlink(missing_ok=True)  # from a try that failed before its run began
-        watch = Stopwatch(reporter, run, 0.0)
-        result = compress(point.config, point.directory, watch)
-        return result, _trained(watch), False
-    if run.config() != point.config:
+    resumed = run.config_path.is_file()
+    if resumed and run.config() != point.config:
         raise RapcError(f"{point.directory} holds a run of another config (other --set, --n or recipe); "
                         f"delete it or choose another --out")
-    if run.summary() is None:
-        RunDir(point.directory).rewind(STAGES)  # as resume() does; done here first to read what it keeps
-    watch = Stopwatch(reporter, run, seconds_kept(run))
-    result = resume(point.directory, watch)
-    if result.finished_before:  # finished, but killed before point.json was written
-        trained = [r["seconds"] for r in _timing(run) if r.get("trained")]
-        if not trained:
-            raise RapcError(f"{point.directory} finished without a record of its time; delete it to measure it again")
-        return result, trained[-1], True
-    return result, _trained(watch), True
-
-
-def _trained(watch: Stopwatch) -> float:
-    if watch.trained is None:  # a bug: rapc no longer reports its final judging under FINAL_JUDGE's title
-        raise RuntimeError(f"the judge's final evaluation never began under a title matching {FINAL_JUDGE.pattern!r}")
-    return watch.trained
+    result = resume(point.directory, reporter) if resumed else compress(point.config, point.directory, reporter)
+    if result.seconds is None:
+        raise RapcError(f"{point.directory} finished under a rapc that did not record its time; delete it to measure it again")
+    return result, sum(seconds for stage, seconds in result.seconds.items() if stage != "final judge"), resumed
 
 
 def _attack(verdict: dict[str, Any], name: str) -> dict[str, Any]:

@@ -99,6 +99,8 @@ def test_time_to_robustness_tables_and_plots_every_recipe_and_a_rerun_reuses_the
     for recipe, point in points.items():
         assert point["recipe"] == recipe and point["epochs"] == "2+1+1" and point["seconds"] > 0 and point["mac_ratio"] > 3
         assert point["config"]["stages"]["dense_control"] is False
+        logged = [json.loads(line) for line in (tmp_path / f"{recipe}-x1" / "metrics.jsonl").read_text().splitlines()]
+        assert point["seconds"] == pytest.approx(sum(r["seconds"] for r in logged if "epoch" in r))  # every epoch, not the judge
         for attack in ("clean", "pgd", "ensemble"):
             assert point[attack]["n"] == 40 and 0 <= point[attack]["accuracy"] <= 1 and point[attack]["stderr"] >= 0
         assert point["ensemble"]["label"].startswith("ensemble PGD-10x2") and point["ensemble"]["accuracy"] <= point["pgd"]["accuracy"]
