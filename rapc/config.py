@@ -37,6 +37,17 @@ class DataConfig(Strict):
     eval_batch_size: PositiveInt = 500
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     workers: Annotated[int, Field(ge=0)] = 0
+    # An image folder's shapes are the user's to choose; every other dataset has its own
+    image_size: PositiveInt | None = Field(None, description="imagefolder: the side images are resized to (None: 32)")
+    channels: Literal[1, 3] | None = Field(None, description="imagefolder: 1 reads images as grayscale, 3 as RGB (None: 3)")
+    hflip: bool | None = Field(None, description="imagefolder: flip training images left-right (None: true; false for digits or text)")
+
+    @model_validator(mode="after")
+    def _image_options_for_a_folder(self) -> DataConfig:
+        given = [k for k in ("image_size", "channels", "hflip") if getattr(self, k) is not None]
+        if given and self.name != "imagefolder":
+            raise ValueError(f"{', '.join(given)} apply to data.name=imagefolder only; {self.name} has its own image shapes")
+        return self
 
 
 # Builder arguments that rapc sets itself; a model.kwargs entry would silently override them and

@@ -202,7 +202,9 @@ def _image_folder(path: Path) -> ImageFolder:
 
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig, seed: int) -> Splits:
-    """``data.root`` holds ``train/`` and ``test/``, each with one folder per class; images are resized to 32x32 RGB."""
+    """``data.root`` holds ``train/`` and ``test/``, each with one folder per class; images are resized to
+    ``data.image_size`` square (32) with ``data.channels`` (3: RGB, 1: grayscale), training images
+    flipped left-right unless ``data.hflip`` is false."""
     from torchvision import transforms as tv
 
     root = Path(cfg.root)
@@ -213,13 +215,14 @@ def imagefolder(cfg: DataConfig, seed: int) -> Splits:
     if train.classes != test.classes:  # labels are class indices: different folders would silently swap them
         raise RapcError(f"imagefolder: {root / 'train'} has the classes {', '.join(train.classes)} but {root / 'test'} has "
                         f"{', '.join(test.classes)}; both need the same class folders")
-    size = 32
+    size, channels = cfg.image_size or 32, cfg.channels or 3
+    shape = [tv.Resize((size, size)), *([tv.Grayscale(1)] if channels == 1 else [])]
 
     def make(is_train: bool, tf: Callable) -> Dataset:
-        return _Transformed(train if is_train else test, tv.Compose([tv.Resize((size, size)), tf]))
+        return _Transformed(train if is_train else test, tv.Compose([*shape, tf]))
 
-    info = DatasetInfo(len(train.classes), 3, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    return _torchvision(cfg, seed, info, make, [tv.RandomHorizontalFlip()])
+    info = DatasetInfo(len(train.classes), channels, size, (0.5,) * channels, (0.25,) * channels)
+    return _torchvision(cfg, seed, info, make, [tv.RandomHorizontalFlip()] if cfg.hflip is not False else [])
 
 
 def load_data(cfg: DataConfig, seed: int) -> Splits:

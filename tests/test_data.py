@@ -49,6 +49,32 @@ def test_imagefolder_loads_class_folders(tmp_path):
     assert x.shape == (3, 32, 32) and splits.info.num_classes == 2 and isinstance(y, int)
 
 
+def test_imagefolder_reads_the_size_and_channels_asked_for_and_flips_only_when_asked(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        folder = tmp_path / split / "arrow"
+        folder.mkdir(parents=True)
+        image = Image.new("RGB", (12, 12), color=(200, 100, 0))
+        image.paste((0, 0, 0), (0, 0, 6, 12))  # left half black: a flip moves it right
+        image.save(folder / "0.png")
+        image.save(folder / "1.png")
+    gray = load_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, channels=1, hflip=False, val_fraction=0.5), 0)
+    x, _ = gray.test[0]
+    assert x.shape == (1, 12, 12) and (gray.info.channels, gray.info.image_size) == (1, 12) and len(gray.info.mean) == 1
+    assert float(x[0, :, :6].max()) == 0.0 and float(x[0, :, 6:].min()) > 0.3
+    assert all(torch.equal(gray.train[0][0], x) for _ in range(20))  # never flipped
+    flipping = load_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, val_fraction=0.5), 0)
+    assert flipping.train[0][0].shape == (3, 12, 12)
+    assert any(float(flipping.train[0][0][0, :, :6].min()) > 0.3 for _ in range(40))  # flipped now and then
+
+
+@pytest.mark.parametrize("option", [{"image_size": 16}, {"channels": 1}, {"hflip": False}])
+def test_image_options_are_refused_for_a_dataset_with_its_own_shapes(option):
+    with pytest.raises(ValueError, match="imagefolder only"):
+        DataConfig(name="mnist5k", **option)
+
+
 def test_random_splits_are_pixels_in_0_1_with_labels_below_num_classes():
     splits = random_splits((3, 8, 8), 100, num_classes=5)
     images, labels = splits.train.tensors
