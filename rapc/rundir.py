@@ -83,6 +83,12 @@ class RunPaths:
         return self.root / "allocation"
 
     @property
+    def start_check(self) -> Path:
+        """The start model's verdict (stages.check_start): a file, not a metrics line, because a resume
+        cuts metrics.jsonl back to the last checkpoint and the check, once passed, is not run again."""
+        return self.root / "start_check.json"
+
+    @property
     def dense(self) -> Path:
         return self.root / "dense"
 
@@ -166,6 +172,9 @@ class RunDir(RunPaths):
         """Written last: its presence marks a finished run."""
         return atomic_write(self.summary_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
+    def write_start_check(self, figures: dict[str, Any]) -> None:
+        atomic_write(self.start_check, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
+
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
@@ -200,6 +209,9 @@ class ReadOnlyRunDir(RunDir):
 
     def write_summary(self, data: Any) -> Path:
         return self.summary_path
+
+    def write_start_check(self, figures: dict[str, Any]) -> None:
+        pass
 
     def log(self, record: dict[str, Any]) -> None:
         pass

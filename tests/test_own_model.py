@@ -166,9 +166,9 @@ def test_the_macs_target_is_met_within_two_percent_and_reported(pt_run):
 
 def test_the_start_model_is_judged_before_pruning_and_is_the_baseline(pt_run):
     out, proc = pt_run
-    records = _records(out)
-    assert [r["stage"] for r in records][:3] == ["start", "allocation", "admm"]  # no pretraining: --weights sets 0 epochs
-    start = records[0]
+    assert [r["stage"] for r in _records(out)][:2] == ["allocation", "admm"]  # no pretraining: --weights sets 0 epochs
+    start = json.loads((out / "start_check.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["start_check"] == start
     assert start["n"] == 100 and start["robust"] > 0.3 and "APGD-CE + APGD-T" in start["robust_attack"]
     assert f"start model: clean {start['clean']:.1%}, {start['robust_attack']} {start['robust']:.1%} (n=100)" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -177,6 +177,21 @@ def test_the_start_model_is_judged_before_pruning_and_is_the_baseline(pt_run):
     assert f"dense: {summary['baseline']}" in proc.stdout
     dense, pretrained = load_model(out / "dense", allow_import=True), load_model(out / "pretrained", allow_import=True)
     assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), pretrained.state_dict().values(), strict=True))
+
+
+def test_the_start_check_is_kept_by_a_resume_from_before_the_first_admm_checkpoint(pt_run, tmp_path):
+    """Killed after the check passed and before ADMM's first checkpoint: the resume cuts metrics.jsonl to
+    nothing and does not judge the start again, yet the summary still gives the check's figures."""
+    out = shutil.copytree(pt_run[0], tmp_path / "run")
+    start = json.loads((out / "start_check.json").read_text())
+    for finished in ("summary.json", "dense", "compressed", "export", "bench"):
+        shutil.rmtree(out / finished, ignore_errors=True) if (out / finished).is_dir() else (out / finished).unlink(missing_ok=True)
+    for checkpoint in (out / "checkpoints").glob("*.pt"):
+        checkpoint.unlink()
+    result = _invoke("compress", "--resume", str(out))
+    assert result.exit_code == 0, result.output
+    assert "start model:" not in result.output  # not judged again
+    assert json.loads((out / "summary.json").read_text())["start_check"] == start
 
 
 def test_export_and_bench_run_on_a_run_of_the_users_own_model(user, pt_run):
@@ -200,7 +215,7 @@ def test_a_safetensors_file_is_a_start_too(user):
     assert result.exit_code == 0, result.output
     state = load_model(out / "pretrained", allow_import=True).state_dict()
     assert all(torch.equal(state[k], robust[k]) for k in robust)
-    assert "start" not in [r["stage"] for r in _records(out)]  # --force: not judged
+    assert not (out / "start_check.json").exists() and json.loads((out / "summary.json").read_text())["start_check"] is None  # --force
 
 
 def test_a_start_model_trained_on_clean_inputs_only_is_refused_and_accepted_with_force(user):

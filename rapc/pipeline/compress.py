@@ -181,6 +181,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
         "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
         "notes": notes, "baseline": baseline, "warnings": warnings, "budget": budget, "seconds": seconds,
+        "start_check": json.loads(run.start_check.read_text()) if run.start_check.is_file() else None,
     })
     return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget, seconds)
 

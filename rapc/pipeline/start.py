@@ -59,7 +59,7 @@ def check_start(model: nn.Module, splits: Splits, cfg: Config, run: RunDir, repo
         raise RapcError(f"the start model holds {figures['robust']:.1%} of {label} at eps {eps:g} ({n} validation images): it is "
                         f"not robust, and pruning cannot keep robustness it does not have; train it adversarially first "
                         f"(`--set stages.pretrain.epochs=N`) or pass `--force`")
-    run.log({"stage": "start", **figures})
+    run.write_start_check(figures)
 
 
 def _judge_start(model: nn.Module, splits: Splits, cfg: Config, reporter: Reporter) -> dict[str, Any]:
