@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from statistics import fmean, stdev
@@ -301,3 +303,14 @@ def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_di
     alone = study(tiny_cfg.model_copy(update={"seed": 1}), out, replace(options, seeds=1)).report
     assert alone["seeds"] == [1]
     assert [line["robust"]["mean"] for line in alone["rows"]] == [line["robust"]["per_seed"][1] for line in report["rows"]]
+
+
+def test_the_outside_audit_attacks_a_study_rows_model_beside_the_figure_the_study_reported(study_dir: Path) -> None:
+    row_dir = _row_dir(study_dir, "r2-filter/scratch")
+    done = subprocess.run([sys.executable, "benchmarks/audit_robustness.py", str(row_dir), "--n", str(N_ENSEMBLE)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    row = json.loads((row_dir / "row.json").read_text())
+    assert record["model"] == "scratch" and record["n"] == N_ENSEMBLE and record["rapc reports"] == row["judge"]["robust"]
+    assert record["audit"]["worst case"] <= record["audit"]["pgd-100x2"] <= record["audit"]["clean"]
