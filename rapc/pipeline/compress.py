@@ -23,7 +23,7 @@ from rapc.device import resolve_device, seed_everything
 from rapc.errors import RapcError
 from rapc.measure import compare_layers, layer_stats, sparsity, summary
 from rapc.modelio import ARCHITECTURE, WEIGHTS, Architecture, load_weights, save_model
-from rapc.pipeline.admm import AdmmSchedule, AdmmState
+from rapc.pipeline.admm import AdmmSchedule, AdmmState, unconverged
 from rapc.pipeline.budget import LatencyCost, budget_report, budgeted
 from rapc.pipeline.distill import distillation
 from rapc.pipeline.distributed import Ranks, session
@@ -58,7 +58,7 @@ class CompressResult:
     layers: list[dict[str, Any]]
     notes: list[str]
     baseline: str  # what the dense figures come from
-    warnings: list[str]  # the judge's gradient-masking warnings
+    warnings: list[str]  # an unconverged ADMM's, then the judge's gradient-masking warnings
     budget: dict[str, Any] | None = None  # with pruning.target: target vs achieved (budget_report)
     seconds: dict[str, float] | None = None  # where the time went (_seconds); None in a summary from before it
     finished_before: bool = False  # a resumed run that had already finished: re-reported, not retrained
@@ -158,6 +158,8 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         hard = trainer.validate()
         run.log({"stage": "hard_prune", **hard, "sparsity": sparsity(model)})
         reporter.log(f"hard prune: val clean {hard['val_clean']:.3f} {hard['val_attack']} {hard['val_robust']:.3f}  sparsity {sparsity(model):.3f}")
+        if warning := _admm_warning(_records(run)):
+            reporter.log(f"warning: {warning}")
     trainer.stage("retrain", cfg.stages.retrain, replace(masks.hooks(), loss=distill), extra=masks)
     ranks.assert_same(masks.masks, "the retraining masks")
     dense, baseline = _dense_baseline(trainer, pretrained, architecture, cfg)
@@ -172,10 +174,13 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     judging = time.perf_counter()
     dense_report = _report(dense, data.test, cfg, example, run.dense / WEIGHTS, reporter, "dense")
     compressed_report = _report(result.model, data.test, cfg, example, run.compressed / WEIGHTS, reporter, "compressed")
-    seconds = _seconds(run, time.perf_counter() - judging)
+    records = _records(run)
+    seconds = _seconds(records, time.perf_counter() - judging)
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
     warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
+    if warning := _admm_warning(records):
+        warnings.insert(0, f"compressed: {warning}")
     budget = budget_report(allocation, dense_report, compressed_report) if allocation is not None else None
     run.write_summary({
         "dense": dense_report, "compressed": compressed_report, "layers": layers,
@@ -186,14 +191,24 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget, seconds)
 
 
-def _seconds(run: RunDir, judging: float) -> dict[str, float]:
+def _records(run: RunDir) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run.metrics.read_text().splitlines()]
+
+
+def _admm_warning(records: list[dict[str, Any]]) -> str | None:
+    """unconverged() on the run's log, so that a resumed run (its hard prune logged before) still says it."""
+    admm = [r for r in records if r["stage"] == "admm"]
+    pruned = [r for r in records if r["stage"] == "hard_prune"]
+    return unconverged(admm[-1], pruned[-1]) if admm and pruned else None
+
+
+def _seconds(records: list[dict[str, Any]], judging: float) -> dict[str, float]:
     """Where the run's time went: each stage's epochs (training and selection) as metrics.jsonl
     logged them, so the epochs of an interrupted run count too (an epoch resumed from inside
     counts from its resume), the dense control's two stages as one, and the final judge of both
     models. Setup (data, the start check, an allocation) and the shrink are not counted."""
     stages: dict[str, float] = {}
-    for line in run.metrics.read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         if "epoch" in record and "seconds" in record:
             stage = "dense control" if record["stage"].startswith("dense-") else record["stage"]
             stages[stage] = stages.get(stage, 0.0) + record["seconds"]

@@ -1,11 +1,15 @@
+import json
+
 import torch
 
-from rapc.config import AdmmConfig, AttackConfig, OptimizerConfig, PruningConfig, ScheduleConfig
+from rapc.config import AdmmConfig, AttackConfig, OptimizerConfig, PruningConfig, ScheduleConfig, load_config
 from rapc.data import loader
-from rapc.pipeline.admm import AdmmState
+from rapc.pipeline.admm import HARD_PRUNE_LOSS, AdmmState, unconverged
+from rapc.pipeline.compress import compress
 from rapc.pipeline.loop import Hooks, Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.schemes import filter_mask
+from rapc.progress import SilentReporter
 
 
 def test_update_follows_the_scaled_admm_equations():
@@ -60,3 +64,30 @@ def test_adversarial_admm_lowers_the_residual_to_the_filter_set(trained_lenet, d
     w = params["conv2.weight"].detach()
     kept = w * filter_mask(w, 0.5)
     assert (w - kept).norm() / w.norm() < 0.5 * before["conv2"]
+
+
+def _admm_end(robust: float) -> dict:
+    return {"stage": "admm", "val_robust": robust, "residuals": {"conv1": 0.2, "fc1": 0.85}}
+
+
+def test_a_hard_prune_that_loses_more_than_its_bound_is_called_an_unconverged_admm_naming_the_farthest_layer():
+    pruned = {"stage": "hard_prune", "val_robust": 0.153, "val_attack": "PGD-20x2 step 0.0375"}
+    warning = unconverged(_admm_end(0.447), pruned)
+    assert warning.startswith("the hard prune cost 29 points of validation PGD-20x2 step 0.0375 accuracy (44.7% -> 15.3%)")
+    assert "0.85 at fc1" in warning and "more admm epochs" in warning
+    assert unconverged(_admm_end(0.153 + HARD_PRUNE_LOSS - 0.005), pruned) is None  # within the bound: retraining recovers such losses
+    assert unconverged(_admm_end(0.10), pruned) is None  # a prune that gained
+
+
+def test_the_compressed_runs_summary_and_log_carry_the_unconverged_admm_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr("rapc.pipeline.admm.HARD_PRUNE_LOSS", -1.0)  # any prune is a loss beyond it: the wiring, not the bound
+    logged: list[str] = []
+    reporter = SilentReporter()
+    monkeypatch.setattr(reporter, "log", logged.append)
+    cfg = load_config("digits-lenet-filter", ["stages.pretrain.epochs=1", "stages.pretrain.clean_epochs=1", "stages.pretrain.eps_ramp_epochs=0",
+                                              "stages.admm.epochs=1", "stages.retrain.epochs=1", "stages.dense_control=false",
+                                              "eval.n_ensemble=10"])
+    result = compress(cfg, tmp_path / "run", reporter)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["warnings"][0].startswith("compressed: the hard prune cost") and result.warnings == summary["warnings"]
+    assert any(line.startswith("warning: the hard prune cost") for line in logged)
