@@ -226,6 +226,25 @@ def test_study_refuses_a_row_directory_made_with_another_config(study_dir: Path,
         study(other, study_dir, OPTIONS)
 
 
+def test_a_row_claimed_before_a_config_key_was_added_is_still_read_without_training(study_dir: Path, tiny_cfg: Config,
+                                                                                     tmp_path: Path, monkeypatch) -> None:
+    out = shutil.copytree(study_dir, tmp_path / "copy")
+    for claim in out.rglob("study-config.yaml"):  # as a rapc from before data.hflip wrote them
+        text = claim.read_text()
+        assert "  hflip: null\n" in text
+        claim.write_text(text.replace("  hflip: null\n", ""))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("rapc.study.rows.compress", fail)
+    monkeypatch.setattr("rapc.pipeline.trainer.train_epoch", fail)
+    assert _rows(study(tiny_cfg, out, OPTIONS).out).keys() == _rows(study_dir).keys()
+    set_differently = tiny_cfg.model_copy(update={"data": tiny_cfg.data.model_copy(update={"val_fraction": 0.2})})
+    with pytest.raises(RapcError, match="another config"):  # a key the claim does give, with another value, is still refused
+        study(set_differently, out, OPTIONS)
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"ratios": (0.5,)}, "not a compression factor"),
     ({"schemes": ("bogus",)}, "pruning.scheme"),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from datetime import datetime, timezone
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from rapc.bench.backends import BACKENDS
 from rapc.bench.latency import TimingPolicy
@@ -107,6 +108,20 @@ def _claim(cfg: Config) -> str:
     return f"# rapc study row recipes v{RECIPES}\n{dump_config(cfg)}"
 
 
+def _claimed_by(cfg: Config) -> Callable[[str], bool]:
+    """Whether a claim is ``cfg``'s: the same recipes version, and the same config once read under
+    today's schema, so that a key added to rapc's config since (at its default) keeps finished rows."""
+    header = _claim(cfg).partition("\n")[0]
+
+    def same(claim: str) -> bool:
+        first, _, body = claim.partition("\n")
+        try:
+            return first == header and validate(yaml.safe_load(body) or {}, "a study claim") == cfg
+        except (RapcError, yaml.YAMLError):
+            return False
+    return same
+
+
 class _Study:
     """Rows by seed and key (``dense-robust``, ``r4-filter/rapc``), trained and measured on first use.
 
@@ -151,7 +166,7 @@ class _Study:
                     "wall_seconds": time.perf_counter() - start, **size(final_model(directory), cell.cfg, self.data)}
 
         directory = self.root / where
-        row = cached(directory, ROW_FILE, _claim(cell.cfg), train_and_measure)
+        row = cached(directory, ROW_FILE, _claim(cell.cfg), train_and_measure, _claimed_by(cell.cfg))
         judge_with = protocol(cell.cfg, self.n_ensemble)
         key_now = {"format": JUDGE_FORMAT, "protocol": asdict(judge_with), "n_test": len(self.data.test.dataset)}
         if row.get("judged_with") != key_now:  # trained now, or judged before with another protocol, n or format
