@@ -219,10 +219,6 @@ def judge_compressed(point: Point, reporter: Reporter) -> dict[str, Any]:
     return judge.judge_loader(model, test, protocol, reporter=reporter, title=f"{point.name} compressed").to_dict()
 
 
-def _metrics(run: RunPaths) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()] if run.metrics.is_file() else []
-
-
 def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
     """The point's figures, from its point.json if it has one, else from its (continued) run."""
     path = point.directory / POINT
@@ -241,7 +237,7 @@ def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
     progress.print(f"{point.name}: judging the compressed model on the first {point.config.eval.n_test} test images "
                    "(compress()'s own ensemble above saw one)", markup=False)
     verdict = judge_compressed(point, reporter)
-    guard_stops = sorted({r["stage"] for r in _metrics(RunPaths(point.directory)) if r.get("catastrophic_overfitting")})
+    guard_stops = sorted({r["stage"] for r in RunPaths(point.directory).records() if r.get("catastrophic_overfitting")})
     figures = {
         "recipe": point.recipe.name, "description": point.recipe.description, "multiplier": point.multiplier,
         "overrides": list(point.overrides), "epochs": point.epochs, "seconds": seconds, "judge_seconds": time.perf_counter() - judged,

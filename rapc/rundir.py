@@ -112,6 +112,12 @@ class RunPaths:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's lines (none before the first epoch)."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
     def checkpoint(self, stage: str) -> Path:
         return self.root / "checkpoints" / f"{stage}.pt"
 

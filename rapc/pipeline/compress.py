@@ -158,7 +158,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         hard = trainer.validate()
         run.log({"stage": "hard_prune", **hard, "sparsity": sparsity(model)})
         reporter.log(f"hard prune: val clean {hard['val_clean']:.3f} {hard['val_attack']} {hard['val_robust']:.3f}  sparsity {sparsity(model):.3f}")
-        if warning := _admm_warning(_records(run)):
+        if warning := _admm_warning(run.records()):
             reporter.log(f"warning: {warning}")
     trainer.stage("retrain", cfg.stages.retrain, replace(masks.hooks(), loss=distill), extra=masks)
     ranks.assert_same(masks.masks, "the retraining masks")
@@ -174,7 +174,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     judging = time.perf_counter()
     dense_report = _report(dense, data.test, cfg, example, run.dense / WEIGHTS, reporter, "dense")
     compressed_report = _report(result.model, data.test, cfg, example, run.compressed / WEIGHTS, reporter, "compressed")
-    records = _records(run)
+    records = run.records()
     seconds = _seconds(records, time.perf_counter() - judging)
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
@@ -189,10 +189,6 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         "start_check": json.loads(run.start_check.read_text()) if run.start_check.is_file() else None,
     })
     return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget, seconds)
-
-
-def _records(run: RunDir) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in run.metrics.read_text().splitlines()]
 
 
 def _admm_warning(records: list[dict[str, Any]]) -> str | None:

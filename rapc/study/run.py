@@ -21,7 +21,6 @@ again on every call (seconds), all models of the first seed interleaved.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from rapc.device import resolve_device
 from rapc.errors import RapcError
 from rapc.pipeline.projection import check_schemes
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import writable_dir
+from rapc.rundir import RunPaths, writable_dir
 from rapc.study.cache import cached, write_json
 from rapc.study.evaluation import TestData, judged, latency, protocol, size
 from rapc.study.report import write_report
@@ -97,10 +96,7 @@ def cell_config(cfg: Config, ratio: float, scheme: str) -> Config:
 
 def _train_seconds(directory: Path) -> float:
     """Seconds spent in training steps (validation excluded), summed over the logged epochs."""
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
-        return 0.0
-    return sum(json.loads(line).get("train_seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    return sum(record.get("train_seconds", 0.0) for record in RunPaths(directory).records())
 
 
 def _claim(cfg: Config) -> str:
