@@ -110,7 +110,10 @@ class Trainer:
         plan = _Plan(name, stage, hooks, after_epoch, select_best)
         state = self._stage_state(plan, extra)
         if state.complete:
+            # Where the uninterrupted run's next stage starts: the global generators and the shuffle
+            # generator as this stage left them (a fresh loader's shuffle would reorder every later epoch).
             state.restore_rng(self.cfg.seed)
+            self.train.generator.set_state(state.shuffle)
             return
         with StopRequest(interrupt_twice=not self.ranks.enabled) as stop:
             for epoch in range(state.epoch + 1, stage.epochs + 1):

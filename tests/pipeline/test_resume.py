@@ -138,6 +138,50 @@ def test_a_run_killed_mid_admm_then_mid_retrain_resumes_to_the_same_model_masks_
     _assert_same_results(out, reference)
 
 
+def _complete(run: Path, stage: str) -> bool:
+    """Whether ``stage``'s checkpoint says the stage finished (checkpoints are renamed into place whole)."""
+    try:
+        return bool(_checkpoint(run, stage)["complete"])
+    except (FileNotFoundError, RuntimeError, EOFError):  # not there yet, or replaced while being read
+        return False
+
+
+def _kill_at_boundary(out: Path, stage: str, command: list[str]) -> subprocess.CompletedProcess:
+    """SIGKILL ``command`` as soon as ``stage``'s checkpoint is complete: between stages, the next not yet checkpointed."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=ENV, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not _complete(out, stage):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {stage} was complete"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr.read())
+
+
+# The stages in the order they run, each killed right after its last checkpoint.
+BOUNDARIES = [("pretrain", "admm"), ("admm", "retrain"), ("retrain", "dense-admm"), ("dense-admm", "dense-retrain")]
+
+
+def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_weights_bit_for_bit(reference, tmp_path):
+    """Killed after one stage's last checkpoint and before the next's first epoch ended, a resume must start
+    the next stage where the uninterrupted run did: its generators and its shuffle order included."""
+    out = tmp_path / "run"
+    # Checkpoints at epoch ends only (they change nothing trained): the next stage then leaves no trace before its first epoch ends.
+    command = _rapc("compress", *ARGS, "--set", "stages.checkpoint_every_steps=null", "--out", str(out))
+    for done, following in BOUNDARIES:
+        killed = _kill_at_boundary(out, done, command)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not (out / "checkpoints" / f"{following}.pt").exists(), f"killed after {following} had begun"
+        _assert_no_partial_files(out)
+        command = _rapc("compress", "--resume", str(out))
+    proc = _run("compress", "--resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "dense-admm: complete" in proc.stderr
+    _assert_same_results(out, reference)
+
+
 def test_ctrl_c_checkpoints_at_the_next_step_exits_130_with_the_resume_command(reference, tmp_path):
     out = tmp_path / "run"
     interrupted = _interrupt_when(out, "admm", _signal(signal.SIGINT), _rapc("compress", *ARGS, "--out", str(out)))
