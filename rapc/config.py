@@ -94,7 +94,7 @@ class AttackConfig(Strict):
 
     method: Literal["pgd", "fgsm", "none"] = "pgd"
     eps: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
-    step: Annotated[float | None, Field(gt=0.0)] = Field(None, description="None: 1.25*eps for fgsm, 2.5*eps/steps for pgd")
+    step: Annotated[float | None, Field(gt=0.0)] = Field(None, description="None: 1.25*eps for fgsm, eps for free, 2.5*eps/steps for pgd")
     steps: PositiveInt = 40
     restarts: PositiveInt = 1
     random_start: bool = True
@@ -115,7 +115,26 @@ class OverfitGuardConfig(Strict):
 
 
 class TrainAttackConfig(AttackConfig):
+    """The attack training steps take. ``free`` is free adversarial training (Shafahi et al. 2019):
+    each batch is replayed ``steps`` times, one backward pass updating both the weights and the
+    perturbation (step: eps). ``carry`` (ATTA, Zheng et al. 2020) starts each example's attack from
+    the perturbation its last visit ended with, so few steps go as far as many from a random start."""
+
+    method: Literal["pgd", "fgsm", "free", "none"] = "pgd"
+    carry: bool = Field(False, description="start each training example's attack (pgd, fgsm, free) from its perturbation of "
+                        "its last visit, kept across epochs and stages (8 bits a pixel) and in checkpoints")
     guard: OverfitGuardConfig = Field(default_factory=OverfitGuardConfig)
+
+    @property
+    def step_size(self) -> float:
+        if self.method == "free" and self.step is None:
+            return self.eps
+        return super().step_size
+
+    @property
+    def fast(self) -> bool:
+        """Few attack steps a batch (FGSM, free replays, a carried start): the catastrophic-overfitting guard watches it."""
+        return self.method in ("fgsm", "free") or (self.carry and self.method != "none")
 
 
 class ConfigWarning(UserWarning):

@@ -41,6 +41,7 @@ class Splits:
     val: Dataset
     test: Dataset
     info: DatasetInfo
+    augmented: bool = False  # the training split draws random crops or flips
 
 
 DATASETS: Registry = Registry("dataset")
@@ -118,7 +119,7 @@ def _torchvision(cfg: DataConfig, seed: int, info: DatasetInfo, make, augment: l
     # so that the first n images every evaluation subset takes (eval.n_ensemble, bench --n-eval) sample every class.
     test_order = _permutation(len(test), _SPLIT_SEED).tolist()
     return Splits(Subset(_Labelled(train_aug), train_idx), Subset(_Labelled(train_plain), val_idx),
-                  Subset(_Labelled(test), test_order), info)
+                  Subset(_Labelled(test), test_order), info, augmented=bool(augment))
 
 
 def _cifar_augment() -> list:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from rapc.pipeline.adversary import PerturbationStore
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.guard import OverfitGuard
 from rapc.pipeline.loop import EpochTotals, NonFinite
@@ -56,6 +57,7 @@ class StageState:
     complete: bool = False
     rng: list[dict[str, Any]] | None = None  # every saving rank's generator states, from a checkpoint, until restored
     ranks: Ranks = field(default_factory=Ranks)
+    store: PerturbationStore | None = None  # carried perturbations, shared by the run's stages
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +93,7 @@ class StageState:
             "best_model": self.best_model,
             "complete": self.complete,
             "rng": {"ranks": generators, "shuffle": self.shuffle},
+            "store": self.store.state_dict() if self.store is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,6 +107,8 @@ class StageState:
             self.guard.best = state["guard_best"]
         if self.extra is not None:
             self.extra.load_state_dict(state["extra"])
+        if self.store is not None and state.get("store") is not None:  # a checkpoint from before carrying has none
+            self.store.load_state_dict(state["store"])
         self.epoch, self.record, self.epoch_start = state["epoch"], state["record"], state["epoch_start"]
         self.totals = self._resumed_totals(state["totals"]) if state["totals"] is not None else None
         self.best_score, self.best_model, self.complete = state["best_score"], state["best_model"], state["complete"]

@@ -229,7 +229,9 @@ def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Archi
         description = (f"a budget-matched control: the pretrained model trained unpruned for the ADMM and retraining "
                        f"stages' {stages.admm.epochs} + {stages.retrain.epochs} epochs, optimizers and schedules")
         control = copy.deepcopy(pretrained).train()
-        control_trainer = replace(trainer, model=control, train_model=training_module(control, cfg, trainer.device, trainer.ranks))
+        # It continues from pretraining's end, with the perturbations carried as pretraining left them.
+        control_trainer = replace(trainer, model=control, train_model=training_module(control, cfg, trainer.device, trainer.ranks),
+                                  store=trainer.carried_after("pretrain"))
         control_trainer.budget_matched("dense-")
         control.eval().to(memory_format=torch.contiguous_format)
     if trainer.ranks.is_main and not (trainer.run.dense / ARCHITECTURE).is_file():

@@ -79,14 +79,16 @@ class Ranks:
             return model
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def train_loader(self, dataset: Dataset, batch_size: int, *, seed: int, workers: int, pin: bool) -> DataLoader | None:
+    def train_loader(self, dataset: Dataset, batch_size: int, *, seed: int, workers: int, pin: bool,
+                     fixed_shards: bool = False) -> DataLoader | None:
         """Each rank's share of the shuffled training set (``batch_size`` per rank); None for one process.
+        ``fixed_shards``: the same examples every epoch (ShardSampler), for carried perturbations.
 
         The loader keeps a generator although the sampler draws none: stage checkpoints save its state.
         """
         if not self.enabled:
             return None
-        sampler = DistributedSampler(dataset, self.world_size, self.rank, shuffle=True, seed=seed)
+        sampler = (ShardSampler if fixed_shards else DistributedSampler)(dataset, self.world_size, self.rank, shuffle=True, seed=seed)
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed),
             num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
@@ -151,6 +153,19 @@ class Ranks:
         dist.all_reduce(low, op=dist.ReduceOp.MAX)
         if not torch.equal(high, -low):
             raise RuntimeError(f"rank {self.rank}: {what} differ between ranks; distributed training went out of step")
+
+
+class ShardSampler(DistributedSampler):
+    """Rank r always trains on examples r, r + world, ... (shuffled anew each epoch), so that the
+    perturbations it carries are of examples it will see again. DistributedSampler instead deals
+    every epoch's shuffle out afresh. Shards are padded to equal lengths (the ranks take equal steps)."""
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        shard = torch.arange(self.rank, len(self.dataset), self.num_replicas)  # type: ignore[arg-type]
+        order = shard[torch.randperm(len(shard), generator=generator)].tolist()
+        return iter((order * 2)[: self.num_samples])
+
 
 
 # How often the ranks of a torchrun compare their stop requests, in training steps.

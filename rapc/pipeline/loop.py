@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rapc.attacks import perturb
 from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
 from rapc.errors import RapcError
+from rapc.pipeline.adversary import PerturbationStore, adversarial_inputs
 from rapc.progress import Reporter, SilentReporter
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,7 +37,8 @@ class Hooks:  # frozen: the shared default Hooks() cannot be changed by a caller
 @dataclass(frozen=True)
 class Step:
     """One optimisation step as a stage takes it: where its inputs come from (the attack, none for
-    clean epochs), what updates the weights, in which precision, and the stage's hooks."""
+    clean epochs; the store of carried perturbations), what updates the weights, in which precision,
+    and the stage's hooks. Under a ``free`` attack a batch takes ``attack.steps`` such steps."""
 
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
@@ -45,6 +46,7 @@ class Step:
     precision: str = "fp32"
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     hooks: Hooks = Hooks()
+    store: PerturbationStore | None = None
 
 
 class NonFinite(RapcError):
@@ -144,8 +146,10 @@ def train_epoch(
     save_points: SavePoints | None = None,
     reduce: Callable[[EpochTotals], EpochTotals] | None = None,
 ) -> dict[str, float]:
-    """One epoch of (adversarial) training; returns mean loss and accuracy on the inputs trained on.
+    """One epoch of (adversarial) training; returns mean loss and accuracy on the inputs trained on
+    (of a batch replayed by free training, its last replay).
 
+    ``data`` yields (images, labels) or (images, labels, dataset indices); a store needs the indices.
     ``totals`` continues an epoch that a checkpoint interrupted: ``data`` then yields only the
     batches not yet trained on. A NaN or infinite loss raises NonFinite where it is read back.
     ``reduce`` turns this process's sums into the figures returned (the sums over all ranks under
@@ -159,31 +163,32 @@ def train_epoch(
     totals = totals or EpochTotals.zeros(device)
     # Read the running figures back about ten times an epoch (every 20 steps for unsized data).
     refresh = max(1, len(data) // 10) if hasattr(data, "__len__") else 20  # type: ignore[arg-type]
-    for x, y in data:
+    for x, y, *index in data:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        inputs = perturb(model, x, y, attack, dtype) if attack is not None else x
-        with autocast:
-            logits = model(inputs)
-            extra = hooks.loss(inputs, logits) if hooks.loss is not None else None
-        loss = F.cross_entropy(logits.float(), y)
-        objective = loss + hooks.penalty() if hooks.penalty is not None else loss
-        if extra is not None:
-            objective = objective + extra
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(objective).backward()
-        else:
-            objective.backward()
-        if hooks.before_step is not None:
-            hooks.before_step()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step.schedule.step()
-        if hooks.after_step is not None:
-            hooks.after_step()
+        replays = adversarial_inputs(model, x, y, index[0] if index else None, attack, step.store, dtype) if attack is not None else (x,)
+        for inputs in replays:
+            with autocast:
+                logits = model(inputs)
+                extra = hooks.loss(inputs, logits) if hooks.loss is not None else None
+            loss = F.cross_entropy(logits.float(), y)
+            objective = loss + hooks.penalty() if hooks.penalty is not None else loss
+            if extra is not None:
+                objective = objective + extra
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(objective).backward()
+            else:
+                objective.backward()
+            if hooks.before_step is not None:
+                hooks.before_step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step.schedule.step()
+            if hooks.after_step is not None:
+                hooks.after_step()
         totals.add(loss, logits, y)
         reporter.advance(totals.read() if totals.steps % refresh == 0 else None)
         if save_points is not None:

@@ -10,7 +10,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from rapc.config import Config, StageConfig, TrainAttackConfig
 from rapc.data import Splits, head, loader
 from rapc.errors import RapcError
 from rapc.measure import sparsity
+from rapc.pipeline.adversary import Indexed, PerturbationStore
 from rapc.pipeline.checkpoint import StageState, Stateful, check_finite
 from rapc.pipeline.distributed import Ranks, agreed_stop, set_epoch
 from rapc.pipeline.guard import OverfitGuard
@@ -35,7 +36,7 @@ from rapc.rundir import RunDir
 class RunData:
     """A run's splits, batched as every stage and evaluation of it uses them."""
 
-    train: DataLoader  # under torchrun, this rank's share (DistributedSampler)
+    train: DataLoader  # (image, label, dataset index); under torchrun, this rank's share
     val: DataLoader
     test: DataLoader
     guard_batch: tuple[torch.Tensor, torch.Tensor]  # the FGSM overfitting guard's fixed training batch
@@ -43,10 +44,15 @@ class RunData:
 
     @classmethod
     def make(cls, cfg: Config, splits: Splits, device: torch.device, ranks: Ranks = Ranks()) -> RunData:
-        pin, workers = device.type == "cuda", cfg.data.workers
-        train = ranks.train_loader(splits.train, cfg.data.batch_size, seed=cfg.seed, workers=workers, pin=pin)
+        pin, workers, carry = device.type == "cuda", cfg.data.workers, cfg.attack.train.carry
+        if carry and splits.augmented:
+            raise RapcError(f"attack.train.carry keeps each training image's perturbation in the image's own frame, and "
+                            f"{cfg.data.name}'s random crops or flips move the image under it; turn augmentation off "
+                            f"(imagefolder: data.hflip=false) or carry off")
+        indexed = Indexed(splits.train)
+        train = ranks.train_loader(indexed, cfg.data.batch_size, seed=cfg.seed, workers=workers, pin=pin, fixed_shards=carry)
         if train is None:
-            train = loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
+            train = loader(indexed, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
         val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
         test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
         return cls(train, val, test, next(iter(loader(splits.train, 256, shuffle=False))), next(iter(val))[0][:64].to(device))
@@ -81,6 +87,21 @@ class Trainer:
     reporter: Reporter = field(default_factory=SilentReporter)
     ranks: Ranks = field(default_factory=Ranks)
     train_model: nn.Module | None = None  # None: ``model`` itself
+    store: PerturbationStore | None = None  # carried perturbations (attack.train.carry); None: a new one if carrying
+
+    def __post_init__(self) -> None:
+        if self.store is None and self.cfg.attack.train.carry and self.cfg.attack.train.method != "none":
+            x = self.train.dataset[0][0]
+            self.store = PerturbationStore.make(len(self.train.dataset), x.shape, self.cfg.attack.train.eps, self.device, self.ranks)
+
+    def carried_after(self, stage: str) -> PerturbationStore | None:
+        """A new store holding the perturbations as ``stage``'s checkpoint saved them (none saved: empty),
+        for a model that continues from that stage's end on its own (compress's dense control)."""
+        store = replace(self, store=None).store
+        saved = self.run.load_checkpoint(stage).get("store") if store is not None and self.run.has_checkpoint(stage) else None
+        if saved is not None:
+            store.load_state_dict(saved)
+        return store
 
     def validate(self) -> dict[str, Any]:
         """The judge's selection figures on the validation split (clean, PGD with restarts at the
@@ -149,15 +170,16 @@ class Trainer:
         """A fresh stage, or the one its checkpoint in the run directory saved."""
         attack_cfg = self.cfg.attack.train
         optimizer = make_optimizer(self.model.parameters(), plan.config.optimizer)
+        steps = len(self.train) * (attack_cfg.steps if attack_cfg.method == "free" else 1)  # optimizer steps an epoch
         state = StageState(
-            self.model, optimizer, make_schedule(optimizer, plan.config.schedule, len(self.train), plan.config.epochs),
+            self.model, optimizer, make_schedule(optimizer, plan.config.schedule, steps, plan.config.epochs),
             scaler=torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None,
             guard=(
                 OverfitGuard(self.guard_batch, self.cfg.attack.eval, attack_cfg.guard.drop)
-                if attack_cfg.method == "fgsm" and attack_cfg.guard.enabled
+                if attack_cfg.fast and attack_cfg.guard.enabled
                 else None
             ),
-            extra=extra, shuffle=self.train.generator.get_state(), ranks=self.ranks,
+            extra=extra, shuffle=self.train.generator.get_state(), ranks=self.ranks, store=self.store,
         )
         if self.run.has_checkpoint(plan.name):
             try:
@@ -184,7 +206,7 @@ class Trainer:
 
         record = state.record | train_epoch(
             self.train_model or self.model, batches,
-            Step(state.optimizer, state.schedule, attack, self.cfg.precision, state.scaler, plan.hooks),
+            Step(state.optimizer, state.schedule, attack, self.cfg.precision, state.scaler, plan.hooks, self.store),
             reporter=self.reporter, totals=state.totals,
             save_points=SavePoints(save_inside, self.cfg.stages.checkpoint_every_steps, agreed_stop(self.ranks, stop, self.device)),
             reduce=(lambda totals: totals.summed(self.ranks.all_sum)) if self.ranks.enabled else None,

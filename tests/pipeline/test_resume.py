@@ -182,6 +182,37 @@ def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_weigh
     _assert_same_results(out, reference)
 
 
+# Free replays starting from carried perturbations: both recipes' state (the store, the replayed schedule) in one run.
+FAST_ARGS = [*ARGS, "--set", "attack.train.method=free", "--set", "attack.train.steps=2", "--set", "attack.train.carry=true",
+             "--set", "stages.dense_control=false"]
+
+
+def test_a_run_with_carried_perturbations_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    proc = _run("compress", *FAST_ARGS, "--out", str(reference))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "run"
+    _assert_killed_inside(out, "admm", _interrupt_when(out, "admm", _signal(signal.SIGKILL), _rapc("compress", *FAST_ARGS, "--out", str(out))))
+    store = _checkpoint(out, "admm")["store"]
+    assert 0 < store["visited"].sum() < len(store["visited"])  # (pretraining is clean here) ADMM's first steps attacked some examples
+    proc = _run("compress", "--resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "admm: resuming epoch" in proc.stderr
+    _assert_same_results(out, reference)
+    assert torch.equal(_checkpoint(out, "retrain")["store"]["codes"], _checkpoint(reference, "retrain")["store"]["codes"])
+
+
+def test_a_torchrun_of_two_processes_trains_with_carried_perturbations(tmp_path):
+    """Each rank attacks its own shard; the checkpoint gathers them into one store of every training example."""
+    out = tmp_path / "run"
+    proc = _run("compress", *TORCHRUN_ARGS, "--set", "attack.train.carry=true", "--set", "attack.train.steps=1",
+                "--set", "stages.dense_control=false", "--out", str(out), launch=_torchrun)
+    assert proc.returncode == 0, proc.stderr
+    store = _checkpoint(out, "retrain")["store"]
+    assert store["visited"].all() and store["codes"].abs().max() > 0
+    assert all("guard_pgd" in m for m in _metrics(out) if m.get("train_eps"))  # the overfitting guard watched every adversarial epoch
+
+
 def test_ctrl_c_checkpoints_at_the_next_step_exits_130_with_the_resume_command(reference, tmp_path):
     out = tmp_path / "run"
     interrupted = _interrupt_when(out, "admm", _signal(signal.SIGINT), _rapc("compress", *ARGS, "--out", str(out)))
