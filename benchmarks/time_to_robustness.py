@@ -3,9 +3,10 @@
 model the highest ensemble accuracy within the default's time budget.
 
 What is measured: for every recipe (a named list of config overrides on top of ``--config``, the
-table ``RECIPES`` below) and every budget multiplier (each stage's epochs, clean epochs and eps
-ramp scaled by it, rounded, at least 1), one ``compress()`` run in its own directory
-``OUT/<recipe>-x<multiplier>/``. One run is one point:
+table ``RECIPES`` below), every budget multiplier (each stage's epochs, clean epochs and eps
+ramp scaled by it, rounded, at least 1) and every seed (``--seeds N``: seeds 0..N-1, which seed
+the weights, the shuffle, the training attacks and the judge's random starts), one
+``compress()`` run in its own directory ``OUT/<recipe>-x<multiplier>-s<seed>/``. One run is one point:
 
 - seconds: the pipeline's training time as compress() records it in its summary (``seconds``):
   every epoch of pretraining, ADMM and masked retraining with its validation, wall-clock; the
@@ -21,10 +22,14 @@ dense control would double the training time. compress()'s own judging runs its 
 image; the script judges the compressed model itself on all ``--n``, as compress() would with
 ``eval.n_ensemble=N``, so the dense model's ensemble, which nothing here uses, costs no time.
 
-A point is eligible with at least ``--min-mac-ratio`` (3.8) times fewer MACs than the dense model
-and clean accuracy at least ``--min-clean`` (95%); the pick is the eligible point with the highest
-ensemble accuracy within ``--time-budget`` seconds (``preset``: the preset recipe's own seconds at
-x1, + 20% for timing noise: the default's time budget on this machine with these threads).
+The table has one row per recipe and budget: the mean over its seeds, with the spread across
+seeds (std) when there are several, else the judge's standard error. A row is eligible with at
+least ``--min-mac-ratio`` (3.8) times fewer MACs than the dense model and a mean clean accuracy
+of at least ``--min-clean`` (95%); the pick is the eligible row with the highest mean ensemble
+accuracy within ``--time-budget`` mean seconds (``preset``: the preset recipe's own seconds at
+x1, + 20% for timing noise: the default's time budget on this machine with these threads). A
+last line gives, per recipe, the fewest seconds in which its mean reached the preset x1's mean
+ensemble accuracy, and the ratio to the preset's seconds.
 
 Points are the unit of work, run budget by budget: a finished point keeps its ``point.json`` and
 is never run again; an interrupted one continues from its last checkpoint
@@ -33,6 +38,7 @@ with the same command; ``--finished-only`` tables the points finished so far and
 
     .venv/bin/python benchmarks/time_to_robustness.py --threads 1
     .venv/bin/python benchmarks/time_to_robustness.py --recipes preset,paper --multipliers 1,2 --n 200
+    .venv/bin/python benchmarks/time_to_robustness.py --recipes preset,carry-1,free-2 --multipliers 0.5,1 --seeds 3 --n 300
 
 Output: a Markdown table (printed, and OUT/table.md), the pick in one line with its overrides,
 and OUT/time_to_robustness.png (ensemble accuracy vs seconds, one curve per recipe).
@@ -45,6 +51,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import sys
 import textwrap
 import time
@@ -73,6 +80,11 @@ class Recipe:
     description: str
     overrides: tuple[str, ...]  # on top of --config and --set; the budget's epochs come after them
 
+    def settings(self, cfg: Config) -> list[str]:
+        """The overrides, with ``{eps}`` fields (the training attack's eps of ``cfg``) filled in."""
+        eps = cfg.attack.train.eps
+        return [o.format(eps_2=f"{eps / 2:g}", eps_4=f"{eps / 4:g}") for o in self.overrides]
+
 
 TRAINED_STAGES = ("pretrain", "admm", "retrain")
 
@@ -95,6 +107,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ("attack.train.method=pgd", "attack.train.steps=40", "attack.train.step=0.01",
             *_every_stage("optimizer={name: sgd, lr: 0.01, momentum: 0.9}", "schedule={name: constant}"),
             "admm.rho=0.001", "admm.rho_multiplier=1.3", "admm.update_every=1", "admm.update_unit=epoch")),
+    Recipe("carry-1", "PGD-1 of step eps/2 from each example's perturbation of its last visit (attack.train.carry, ATTA): "
+           "2 passes a batch where PGD-5 takes 6", ("attack.train.carry=true", "attack.train.steps=1", "attack.train.step={eps_2}")),
+    Recipe("carry-2", "PGD-2 of step eps/4 from each example's carried perturbation (ATTA)",
+           ("attack.train.carry=true", "attack.train.steps=2", "attack.train.step={eps_4}")),
+    Recipe("free-2", "free adversarial training: each batch replayed twice, one backward pass for weights and perturbation, "
+           "step eps, the perturbation carried per example", ("attack.train.method=free", "attack.train.steps=2",
+                                                              "attack.train.step=null", "attack.train.carry=true")),
 )}
 
 PRESET_BUDGET = "preset"  # --time-budget preset: the seconds of the preset recipe at x1,
@@ -151,16 +170,17 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"{self.recipe.name}-x{self.multiplier:g}"
+        return f"{self.recipe.name}-x{self.multiplier:g}-s{self.config.seed}"
 
     @classmethod
-    def make(cls, recipe: Recipe, multiplier: float, args: argparse.Namespace) -> Point:
+    def make(cls, recipe: Recipe, multiplier: float, seed: int, args: argparse.Namespace) -> Point:
         base = load_config(args.config, args.set)
-        with_recipe = [*args.set, *recipe.overrides]
+        settings = recipe.settings(base)
+        with_recipe = [*args.set, *settings]
         budget = budget_overrides(load_config(args.config, with_recipe), multiplier)
-        cfg = load_config(args.config, [*with_recipe, *budget, *fixed_overrides(args.n)])
-        changed = tuple(o for o in [*recipe.overrides, *budget] if _differs(base, cfg, o))
-        return cls(recipe, multiplier, cfg, changed, args.out / f"{recipe.name}-x{multiplier:g}")
+        cfg = load_config(args.config, [*with_recipe, *budget, *fixed_overrides(args.n), f"seed={seed}"])
+        changed = tuple(o for o in [*settings, *budget] if _differs(base, cfg, o))
+        return cls(recipe, multiplier, cfg, changed, args.out / f"{recipe.name}-x{multiplier:g}-s{seed}")
 
     @property
     def epochs(self) -> str:
@@ -239,7 +259,7 @@ def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
     verdict = judge_compressed(point, reporter)
     guard_stops = sorted({r["stage"] for r in RunPaths(point.directory).records() if r.get("catastrophic_overfitting")})
     figures = {
-        "recipe": point.recipe.name, "description": point.recipe.description, "multiplier": point.multiplier,
+        "recipe": point.recipe.name, "description": point.recipe.description, "multiplier": point.multiplier, "seed": point.config.seed,
         "overrides": list(point.overrides), "epochs": point.epochs, "seconds": seconds, "judge_seconds": time.perf_counter() - judged,
         "resumed": resumed, "load_average": {"start": load, "end": os.getloadavg()[0]}, "torch_threads": torch.get_num_threads(),
         "macs": {"dense": result.dense["macs"], "compressed": result.compressed["macs"]},
@@ -254,6 +274,54 @@ def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
 
 
 # --- the verdicts, table and plot -------------------------------------------------------------
+
+
+def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per recipe and budget, shaped as a point: the means over its seeds. Each attack's
+    ``spread`` is the standard deviation across seeds, or with one seed the judge's standard error."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["recipe"], p["multiplier"]), []).append(p)
+    rows = []
+    for (recipe, multiplier), group in groups.items():
+        several = len(group) > 1
+
+        def attack(name: str) -> dict[str, Any]:
+            values = [p[name]["accuracy"] for p in group]
+            return {"label": group[0][name]["label"], "n": group[0][name]["n"], "accuracy": statistics.fmean(values),
+                    "spread": statistics.stdev(values) if several else group[0][name]["stderr"]}
+
+        rows.append({
+            "recipe": recipe, "multiplier": multiplier, "epochs": group[0]["epochs"], "overrides": group[0]["overrides"],
+            "seeds": sorted(p.get("seed", 0) for p in group), "seconds": statistics.fmean(p["seconds"] for p in group),
+            "mac_ratio": statistics.fmean(p["mac_ratio"] for p in group),
+            "clean": attack("clean"), "pgd": attack("pgd"), "ensemble": attack("ensemble"),
+            "guard_stops": sorted({s for p in group for s in p["guard_stops"]}), "warnings": [w for p in group for w in p["warnings"]],
+        })
+    return rows
+
+
+def spread_kind(rows: list[dict[str, Any]]) -> str:
+    counts = {len(r["seeds"]) for r in rows}
+    if counts == {1}:
+        return "± the judge's standard error (one seed)"
+    return "± the standard deviation across seeds (" + ", ".join(map(str, sorted(counts))) + " seeds a row)"
+
+
+def reach_line(rows: list[dict[str, Any]]) -> str | None:
+    """Per recipe, the fewest mean seconds in which its mean ensemble accuracy reached the preset x1's, and the ratio."""
+    reference = next((r for r in rows if r["recipe"] == "preset" and r["multiplier"] == 1), None)
+    if reference is None:
+        return None
+    goal, parts = reference["ensemble"]["accuracy"], []
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        reached = [r for r in rows if r["recipe"] == recipe and r["ensemble"]["accuracy"] >= goal]
+        if not reached:
+            parts.append(f"{recipe} did not")
+            continue
+        fastest = min(reached, key=lambda r: r["seconds"])
+        parts.append(f"{recipe} x{fastest['multiplier']:g} in {fastest['seconds']:.0f} s ({reference['seconds'] / fastest['seconds']:.2f}x fewer seconds)")
+    return f"reached the preset x1's mean ensemble accuracy ({goal:.1%} in {reference['seconds']:.0f} s): " + "; ".join(parts)
 
 
 def shortfalls(figures: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -296,9 +364,9 @@ def _one_label(points: list[dict[str, Any]], attack: str) -> str | None:
 def results_table(points: list[dict[str, Any]], chosen: dict[str, Any] | None, args: argparse.Namespace) -> Table:
     pgd_label, ensemble_label = _one_label(points, "pgd"), _one_label(points, "ensemble")
 
-    def accuracy(p: dict[str, Any], attack: str, shared: str | None, stderr: bool = False) -> str:
+    def accuracy(p: dict[str, Any], attack: str, shared: str | None, spread: bool = False) -> str:
         a = p[attack]
-        text = f"{a['accuracy']:.1%}" + (f" ± {a['stderr']:.1%}" if stderr else "")
+        text = f"{a['accuracy']:.1%}" + (f" ± {a['spread']:.1%}" if spread else "")
         return text if shared else f"{a['label']} (n={a['n']}): {text}"
 
     rows = []
@@ -311,10 +379,10 @@ def results_table(points: list[dict[str, Any]], chosen: dict[str, Any] | None, a
             verdict += f" (guard stopped {', '.join(p['guard_stops'])})"
         if p["warnings"]:
             verdict += f" ({len(p['warnings'])} judge warnings: see point.json)"
-        rows.append((p["recipe"], f"x{p['multiplier']:g}", p["epochs"], f"{p['seconds']:.0f}", f"{p['mac_ratio']:.2f}x",
-                     f"{p['clean']['accuracy']:.1%}", accuracy(p, "pgd", pgd_label), accuracy(p, "ensemble", ensemble_label, stderr=True),
+        rows.append((p["recipe"], f"x{p['multiplier']:g}", p["epochs"], str(len(p["seeds"])), f"{p['seconds']:.0f}", f"{p['mac_ratio']:.2f}x",
+                     f"{p['clean']['accuracy']:.1%}", accuracy(p, "pgd", pgd_label), accuracy(p, "ensemble", ensemble_label, spread=True),
                      verdict))
-    headers = ("recipe", "budget", "epochs", "seconds", "MAC ratio", "clean",
+    headers = ("recipe", "budget", "epochs", "seeds", "seconds", "MAC ratio", "clean",
                pgd_label or "PGD", ensemble_label or "ensemble", "verdict")
     return Table("Time to robustness: the compressed model's accuracy against the pipeline's seconds", headers, rows, label_columns=3)
 
@@ -330,6 +398,7 @@ def notes(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[str]:
         f"saving), without the final judging; torch threads {', '.join(map(str, threads))}; load average (1 min) "
         f"{min(load):.1f}-{max(load):.1f} at the points' starts and ends (other processes slow every figure)",
         "stages.dense_control=false for every point: the benchmark compares compressed models, and the dense control would double the time",
+        f"every row: the mean over its seeds, {spread_kind(aggregate(points))}",
         f"epochs: pretrain+admm+retrain; eligible: at least {args.min_mac_ratio:g}x fewer MACs and clean accuracy at least {args.min_clean:.0%}; "
         f"the pick: the eligible point with the highest ensemble accuracy within {budget_text(args)}",
         *[f"recipe {r.name}: {r.description}" for r in RECIPES.values() if r.name in {p["recipe"] for p in points}],
@@ -342,7 +411,8 @@ def pick_line(chosen: dict[str, Any] | None, args: argparse.Namespace) -> str:
     e = chosen["ensemble"]
     overrides = " ".join(chosen["overrides"]) or "(none: the config as it is)"
     return (f"pick: {chosen['recipe']} x{chosen['multiplier']:g} ({chosen['seconds']:.0f} s, {chosen['mac_ratio']:.2f}x fewer MACs, "
-            f"clean {chosen['clean']['accuracy']:.1%}, ensemble {e['accuracy']:.1%} ± {e['stderr']:.1%}, n={e['n']}); "
+            f"clean {chosen['clean']['accuracy']:.1%}, ensemble {e['accuracy']:.1%} ± {e['spread']:.1%}, n={e['n']}, "
+            f"{len(chosen['seeds'])} seed{'s' if len(chosen['seeds']) > 1 else ''}); "
             f"overrides on {args.config}" + (" with the --set ones" if args.set else "") + f": {overrides}")
 
 
@@ -357,7 +427,7 @@ def plot(points: list[dict[str, Any]], chosen: dict[str, Any] | None, args: argp
         mine = sorted((p for p in points if p["recipe"] == name), key=lambda p: p["seconds"])
         color = f"C{index}"
         x, y = [p["seconds"] for p in mine], [100 * p["ensemble"]["accuracy"] for p in mine]
-        ax.errorbar(x, y, yerr=[100 * p["ensemble"]["stderr"] for p in mine], color=color, capsize=3, label=name)
+        ax.errorbar(x, y, yerr=[100 * p["ensemble"]["spread"] for p in mine], color=color, capsize=3, label=name)
         for p, xi, yi in zip(mine, x, y):  # filled: eligible; hollow: fails the MAC or clean constraint
             ax.plot(xi, yi, "o", color=color, markerfacecolor=color if not shortfalls(p, args) else "white")
             ax.annotate(f"x{p['multiplier']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -368,7 +438,7 @@ def plot(points: list[dict[str, Any]], chosen: dict[str, Any] | None, args: argp
     label = _one_label(points, "ensemble") or "ensemble"
     ax.set_ylabel("ensemble accuracy of the compressed model (%)")
     ax.set_title(f"time to robustness, {args.config}\n{textwrap.fill(label, 100)}\n"
-                 "error bars: standard error; hollow markers: not eligible", fontsize=8)
+                 f"means over seeds, error bars {spread_kind(points)}; hollow markers: not eligible", fontsize=8)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -421,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multipliers", type=parse_list(_multiplier, "positive numbers"), default="0.5,1,2", metavar="M,M",
                         help="budgets: every stage's epochs times M (rounded, at least 1)")
     parser.add_argument("--n", type=int, default=500, metavar="N", help="the judge's fixed subset: the first N test images")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per recipe and budget; the table gives their mean")
     parser.add_argument("--time-budget", type=_budget, default=300.0, metavar="SECONDS",
                         help=f"the pick's limit on the pipeline's seconds; {PRESET_BUDGET!r}: what the preset recipe took at x1, + 20%%")
     parser.add_argument("--min-mac-ratio", type=float, default=3.8, metavar="R", help="eligible: at least R times fewer MACs")
@@ -430,8 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch.set_num_threads(N) first; default: PyTorch's")
     parser.add_argument("--finished-only", action="store_true", help="table the points finished so far; train nothing")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
+    if args.n < 1 or args.seeds < 1:
+        parser.error("--n and --seeds must be at least 1")
     args.recipes = list(dict.fromkeys(args.recipes))
     args.multipliers = sorted(set(args.multipliers))
     return args
@@ -444,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     points: list[dict[str, Any]] = []
     failed = []
     try:
-        todo = [Point.make(r, m, args) for m in args.multipliers for r in args.recipes]  # by budget first: a partial run spans the recipes
+        # by seed, then budget: a partial run spans the recipes and budgets
+        todo = [Point.make(r, m, seed, args) for seed in range(args.seeds) for m in args.multipliers for r in args.recipes]
         if args.finished_only:
             todo = [p for p in todo if (p.directory / POINT).is_file()]
         with RichReporter(progress) as reporter:
@@ -461,18 +533,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("interrupted; the same command continues from the last checkpoint")
     if not points:
         sys.exit("error: no point finished")
+    rows = aggregate(points)
     args.budget_from_preset = args.time_budget == PRESET_BUDGET
     try:
-        args.time_budget = resolve_budget(points, args)
+        args.time_budget = resolve_budget(rows, args)
     except RapcError as exc:
         sys.exit(f"error: {exc}")
-    chosen = pick(points, args)
-    table = results_table(points, chosen, args)
-    text = table.markdown() + "\n" + "\n".join(f"- {line}" for line in notes(args, points)) + "\n\n" + pick_line(chosen, args) + "\n"
+    chosen = pick(rows, args)
+    table = results_table(rows, chosen, args)
+    reach = reach_line(rows)
+    text = (table.markdown() + "\n" + "\n".join(f"- {line}" for line in notes(args, points)) + "\n\n" + pick_line(chosen, args) + "\n"
+            + (f"{reach}\n" if reach else ""))
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "table.md", lambda tmp: tmp.write_text(text))
-    atomic_write(args.out / "time_to_robustness.png", lambda tmp: plot(points, chosen, args, tmp))
+    atomic_write(args.out / "time_to_robustness.png", lambda tmp: plot(rows, chosen, args, tmp))
     print(f"wrote {args.out / 'table.md'} and {args.out / 'time_to_robustness.png'}")
     if failed:
         sys.exit(f"error: {len(failed)} points failed: {', '.join(failed)}")

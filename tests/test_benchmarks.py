@@ -91,15 +91,15 @@ def test_time_to_robustness_tables_and_plots_every_recipe_and_a_rerun_reuses_the
     table = (tmp_path / "table.md").read_text()
     assert table in first.stdout
     for recipe in ("preset", "fgsm-rs"):
-        assert f"| {recipe} | x1 | 2+1+1 |" in table
+        assert f"| {recipe} | x1 | 2+1+1 | 1 |" in table
     assert "dense_control=false" in table and "\npick: " in table and "pick: none" not in table
     assert (tmp_path / "time_to_robustness.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
-    points = {r: json.loads((tmp_path / f"{r}-x1" / "point.json").read_text()) for r in ("preset", "fgsm-rs")}
+    points = {r: json.loads((tmp_path / f"{r}-x1-s0" / "point.json").read_text()) for r in ("preset", "fgsm-rs")}
     for recipe, point in points.items():
         assert point["recipe"] == recipe and point["epochs"] == "2+1+1" and point["seconds"] > 0 and point["mac_ratio"] > 3
         assert point["config"]["stages"]["dense_control"] is False
-        logged = [json.loads(line) for line in (tmp_path / f"{recipe}-x1" / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (tmp_path / f"{recipe}-x1-s0" / "metrics.jsonl").read_text().splitlines()]
         assert point["seconds"] == pytest.approx(sum(r["seconds"] for r in logged if "epoch" in r))  # every epoch, not the judge
         for attack in ("clean", "pgd", "ensemble"):
             assert point[attack]["n"] == 40 and 0 <= point[attack]["accuracy"] <= 1 and point[attack]["stderr"] >= 0
@@ -112,3 +112,35 @@ def test_time_to_robustness_tables_and_plots_every_recipe_and_a_rerun_reuses_the
     assert again.stderr.count("finished before") == 2 and "pretrain 1/2" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in written} == written
     assert (tmp_path / "table.md").read_text() == table
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def _point(recipe: str, multiplier: float, seed: int, seconds: float, ensemble: float) -> dict:
+    attack = {"label": "ensemble", "n": 300, "accuracy": ensemble, "stderr": 0.03}
+    return {"recipe": recipe, "multiplier": multiplier, "seed": seed, "epochs": "5+3+3", "overrides": [], "seconds": seconds,
+            "mac_ratio": 3.81, "clean": {**attack, "accuracy": 0.97}, "pgd": attack, "ensemble": attack, "guard_stops": [], "warnings": []}
+
+
+def test_time_to_robustness_averages_seeds_and_says_how_much_faster_a_recipe_reached_the_preset():
+    script = _load_script("time_to_robustness")
+    points = [_point("preset", 1, 0, 600, 0.60), _point("preset", 1, 1, 660, 0.56), _point("preset", 1, 2, 630, 0.58),
+              _point("carry-1", 1, 0, 200, 0.61), _point("carry-1", 1, 1, 220, 0.57), _point("carry-1", 1, 2, 210, 0.59),
+              _point("free-2", 0.5, 0, 100, 0.40), _point("free-2", 0.5, 1, 100, 0.50)]
+    rows = {(r["recipe"], r["multiplier"]): r for r in script.aggregate(points)}
+    preset = rows[("preset", 1)]
+    assert preset["seeds"] == [0, 1, 2] and preset["seconds"] == pytest.approx(630)
+    assert preset["ensemble"]["accuracy"] == pytest.approx(0.58) and preset["ensemble"]["spread"] == pytest.approx(0.02)
+    assert rows[("free-2", 0.5)]["ensemble"]["spread"] == pytest.approx(0.0707, abs=1e-4)
+    assert script.aggregate(points[:1])[0]["ensemble"]["spread"] == 0.03  # one seed: the judge's standard error
+    line = script.reach_line(list(rows.values()))
+    assert "(58.0% in 630 s)" in line and "carry-1 x1 in 210 s (3.00x fewer seconds)" in line and "free-2 did not" in line
