@@ -193,7 +193,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
 
 def _admm_warning(records: list[dict[str, Any]]) -> str | None:
     """unconverged() on the run's log, so that a resumed run (its hard prune logged before) still says it."""
-    admm = [r for r in records if r["stage"] == "admm"]
+    admm = [r for r in records if r["stage"] == "admm" and "val_robust" in r]  # its last epoch is validated
     pruned = [r for r in records if r["stage"] == "hard_prune"]
     return unconverged(admm[-1], pruned[-1]) if admm and pruned else None
 

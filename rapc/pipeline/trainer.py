@@ -215,8 +215,15 @@ class Trainer:
         if plan.after_epoch is not None:
             record |= plan.after_epoch()
 
+        # Validation costs more passes than a fast training epoch (PGD with restarts on the whole split): it
+        # runs where it decides something. A stage that keeps its best epoch chooses among those trained at
+        # full eps (a clean or eps-ramp epoch does not hold the judge's eps better than the epochs after it);
+        # every stage's last epoch is validated, the figures it hands on (the hard prune's reference).
+        candidate = attack_cfg.method == "none" or (attack is not None and attack.eps >= attack_cfg.eps)
+        validate = epoch == plan.config.epochs or (plan.select_best and candidate)
+
         def measure() -> dict[str, Any]:  # on rank 0 only: the guard's PGD draws random starts
-            figures = self._selection() | {"sparsity": sparsity(self.model)}
+            figures = (self._selection() if validate else {}) | {"sparsity": sparsity(self.model)}
             if state.guard is not None and state.epoch_start is not None:
                 # at full eps the epoch's training accuracy (against its FGSM) is comparable with the guard's PGD
                 at_full_eps = attack is not None and attack.eps >= attack_cfg.eps >= self.cfg.attack.eval.eps
@@ -236,9 +243,10 @@ class Trainer:
                 self.model.load_state_dict(state.epoch_start)
                 self.reporter.log(f"{name}: stopped; kept the weights of epoch {epoch - 1}")
                 return True
-        score = record["val_robust"] if attack_cfg.method != "none" else record["val_clean"]
-        if plan.select_best and score >= state.best_score:
-            state.best_score, state.best_model = score, copy.deepcopy(self.model.state_dict())
+        if plan.select_best and validate:
+            score = record["val_robust"] if attack_cfg.method != "none" else record["val_clean"]
+            if score >= state.best_score:
+                state.best_score, state.best_model = score, copy.deepcopy(self.model.state_dict())
         state.finish_epoch(epoch, self.train.generator.get_state())
         self._save(name, state)
         return False
@@ -277,8 +285,9 @@ class Trainer:
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    line = (f"{record['stage']:8s} {record['epoch']}/{epochs}  loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  "
-            f"val clean {record['val_clean']:.3f} {record['val_attack']} {record['val_robust']:.3f}")
+    line = f"{record['stage']:8s} {record['epoch']}/{epochs}  loss {record['loss']:.3f}  acc {record['train_acc']:.3f}"
+    if "val_robust" in record:
+        line += f"  val clean {record['val_clean']:.3f} {record['val_attack']} {record['val_robust']:.3f}"
     if "residuals" in record:
         line += f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}"
     return line + f"  {record['seconds']:.0f}s"
