@@ -338,21 +338,30 @@ def _pgd(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple
 @click.option("--attacks", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
               help="quick: clean, FGSM, PGD and the ensemble APGD-CE + APGD-T (100 steps, 9 targets), worst case per image. "
                    "full: also FAB-T and Square 5000 (the standard AutoAttack).")
-@click.option("--n-eval", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images to attack.")
+@click.option("--n-eval", type=click.IntRange(min=1), default=None,
+              help="Test images to attack (default: the run's eval.n_test, the images compress judged, so that its saved "
+                   "judgement is reused rather than attacked again).")
 @click.option("--n-ensemble", "--n-autoattack", "n_ensemble", type=click.IntRange(min=1), default=None,
-              help="The ensemble (and FAB-T, Square) on the first N of them (default all; it is slow on CPU). The report gives n and the standard error.")
+              help="The ensemble (and FAB-T, Square) on the first N of them (default: the run's eval.n_ensemble, as compress "
+                   "judged; it is slow on CPU). The report gives n and the standard error.")
+@click.option("--full-judgement", is_flag=True,
+              help="Every test image, each under the ensemble: the figures to publish (slow on CPU). A saved judgement is "
+                   "reused only if it is exactly that; not with --n-eval or --n-ensemble.")
 @click.option("--pgd", default=None, callback=_pgd, metavar="STEPSxRESTARTS",
               help="The judge's PGD, at step 2.5*eps/steps (default: the run's attack.eval steps, at least 2 restarts).")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Minimum timed seconds per batch size.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/bench).")
-def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int, n_ensemble: int | None,
-          pgd: tuple[int, int] | None, min_seconds: float, out: str | None) -> None:
+def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int | None, n_ensemble: int | None,
+          full_judgement: bool, pgd: tuple[int, int] | None, min_seconds: float, out: str | None) -> None:
     """Latency and robust accuracy of a run's dense and compressed models, side by side.
 
     Attacks run on the PyTorch models (fp32); their adversarial images are replayed on every
     file `rapc export` wrote (ONNX fp32/fp16/int8, TensorRT engines). Latency is timed per
     backend and batch size, dense and compressed interleaved in one process. Writes
     RUN/bench/bench.json, report.md, robust_vs_latency.png and layers.png.
+
+    compress's final judgement is reused when the weights, test images and attacks are the
+    same (the defaults); asked for more images or attacks, only what it lacks is judged.
     """
     from rapc.bench.latency import TimingPolicy
     from rapc.bench.report import skipped_lines, tables
@@ -360,7 +369,7 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
 
     options = BenchOptions(
         backends=tuple(backends.split(",")) if backends else tuple(BACKENDS), batch_sizes=batch_sizes, attacks=attacks,
-        n_eval=n_eval, n_ensemble=n_ensemble, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
+        n_eval=n_eval, n_ensemble=n_ensemble, full_judgement=full_judgement, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
     )
     with RichReporter(log_console()) as reporter:
         report = bench_run(run, options, out, reporter)

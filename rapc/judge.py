@@ -581,3 +581,115 @@ def masking_warnings(results: list[AttackResult], zero_gradients: int | None) ->
             warnings.append(f"the black-box Square attack broke {square} of {r.n} images that the white-box attacks "
                             "could not: the gradients mislead the attacks (gradient masking)")
     return warnings
+
+
+def _ensemble_after(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, pgd: AttackResult,
+                    protocol: Protocol, n_classes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The ensemble's verdict on images whose clean and PGD verdicts (and PGD images) are known,
+    combined as in :func:`_judge_batch`: APGD-CE and APGD-T on the clean-correct images, worst case with PGD."""
+    correct, images = clean.clone(), x.detach().clone()
+    broken = _cascade(model, ENSEMBLE_PARTS, x, y, correct, images, protocol.eps, n_classes, protocol.seed)
+    pgd_correct, pgd_images = pgd.correct.to(x.device), pgd.images.to(x.device)
+    fooled = ~pgd_correct
+    return (pgd_correct & correct, torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), pgd_images, images), broken)
+
+
+def _autoattack_after(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ensemble: AttackResult, protocol: Protocol,
+                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """FAB-T and Square on what the ensemble left standing, as at the ``full`` level."""
+    correct, images = ensemble.correct.to(x.device).clone(), ensemble.images.to(x.device).clone()
+    more = _cascade(model, AUTOATTACK_PARTS[len(ENSEMBLE_PARTS):], x, y, correct, images, protocol.eps, n_classes, protocol.seed)
+    return correct, images, ensemble.details | more
+
+
+def _slice(result: AttackResult, start: int, stop: int) -> AttackResult:
+    """Images start:stop of a result; the counts per part (kept for the whole only) go with the first slice."""
+    return AttackResult(result.name, result.label, result.correct[start:stop],
+                        None if result.images is None else result.images[start:stop], 0.0, result.details if start == 0 else {})
+
+
+def extend(verdict: Verdict, model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: Protocol,
+           n_classes: int | None = None, reporter: Reporter | None = None, title: str = "") -> Verdict:
+    """``verdict``, the judge's on the first images of ``x`` (pixels in [0, 1]) with its images kept,
+    carried on to ``protocol`` over all of ``x``: only what it lacks is judged.
+
+    The caller vouches that ``verdict`` judged this model on these first images with ``protocol``'s
+    attacks, seed and batch (rapc.judgement checks it). What it may lack: the images after its
+    own (every attack, in the judge's batches numbered on from its last, so PGD's random starts
+    are a fresh judge's when its n is a whole number of batches), the ensemble on more of its
+    images, and FAB-T and Square (``full``). The added parts draw their random starts in their
+    own batches: as strong as a fresh judge, not always equal to it image by image. With nothing
+    to add, the verdict comes back at ``protocol``'s level (a ``full`` one without FAB-T and
+    Square for ``final``), its figures unchanged.
+    """
+    if protocol.eps == 0 or protocol.level == "selection":
+        raise ValueError("only a final or full judgement with a positive eps can be extended")
+    old = {r.name: r for r in verdict.results}
+    n_old, n_old_ensemble = old["clean"].n, old["ensemble"].n
+    n = len(x)
+    n_ensemble = n if protocol.n_ensemble is None else min(n, protocol.n_ensemble)
+    if n < n_old or n_ensemble < n_old_ensemble or any(old[name].images is None for name in old):
+        raise ValueError(f"cannot extend a verdict on n={n_old} (ensemble n={n_old_ensemble}) to n={n} (ensemble n={n_ensemble}), "
+                         "or one without its images")
+    names = _names(protocol.level)
+    full = "autoattack" in names
+    reporter = reporter or SilentReporter()
+    device = next(model.parameters()).device
+    tally = _Tally(keep_images=True)
+    tally.zero_gradients = verdict.zero_gradients or 0
+    for name in ("clean", "fgsm", "pgd", "ensemble") + (("autoattack",) if full and "autoattack" in old else ()):
+        r = old[name]
+        tally.add(name, r.correct, r.images, r.seconds, r.details)
+    batch = protocol.batch
+    to_aa = [] if not full or "autoattack" in old else list(range(0, n_old_ensemble, batch))
+    to_ensemble = list(range(n_old_ensemble, min(n_ensemble, n_old), batch))
+    new = list(range(n_old, n, batch))
+    was_training = model.training
+    model.eval()
+    reporter.begin(f"{title} judge ({protocol.level}): what the saved judgement lacks" if title else "judge: what the saved judgement lacks",
+                   len(to_aa) + len(to_ensemble) * (1 + full) + len(new) * len(names))
+
+    def tick() -> None:
+        reporter.advance({name: tally.running(name) for name in names if tally.correct.get(name)})
+
+    def on_device(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[start:stop].to(device), y[start:stop].to(device)
+
+    try:
+        with _own_random_state(device):
+            torch.manual_seed(protocol.seed)
+            if n_classes is None:
+                n_classes = _logits_width(model, x[:1].to(device))
+            for start in to_aa:  # FAB-T and Square on the saved ensemble's survivors
+                stop = min(start + batch, n_old_ensemble)
+                began = time.perf_counter()
+                correct, images, details = _autoattack_after(model, *on_device(start, stop), _slice(old["ensemble"], start, stop),
+                                                             protocol, n_classes)
+                tally.add("autoattack", correct, images, time.perf_counter() - began, details)
+                tick()
+            for start in to_ensemble:  # the ensemble on saved images it had not attacked
+                stop = min(start + batch, n_ensemble, n_old)
+                xb, yb = on_device(start, stop)
+                began = time.perf_counter()
+                correct, images, broken = _ensemble_after(model, xb, yb, old["clean"].correct[start:stop].to(device),
+                                                          _slice(old["pgd"], start, stop), protocol, n_classes)
+                tally.add("ensemble", correct, images, time.perf_counter() - began, broken)
+                tick()
+                if full:
+                    began = time.perf_counter()
+                    ensemble = AttackResult("ensemble", "", correct, images, 0.0, broken)
+                    correct, images, details = _autoattack_after(model, xb, yb, ensemble, protocol, n_classes)
+                    tally.add("autoattack", correct, images, time.perf_counter() - began, details)
+                    tick()
+            first_index = math.ceil(n_old / batch)
+            for i, start in enumerate(new):  # images the verdict never saw: every attack, as the judge does
+                xb, yb = on_device(start, start + batch)
+                budget = max(0, min(len(xb), n_ensemble - start))
+                _judge_batch(model, xb, yb, protocol, n_classes, first_index + i, budget, tally, tick)
+    finally:
+        model.train(was_training)
+    labels = {r.name: r.label for r in verdict.results} | {"autoattack": protocol.autoattack_label(n_classes)}
+    results = [tally.result(name, labels[name], x[:0]) for name in names]
+    extended = Verdict(asdict(protocol), results, tally.zero_gradients, masking_warnings(results, tally.zero_gradients))
+    reporter.end(f"{title} {extended.summary()}" if title else extended.summary())
+    return extended

@@ -11,6 +11,9 @@ so an interrupted run never leaves a partial file where a complete one is expect
     runs/NAME/compressed/          the compressed, shrunk model
     runs/NAME/allocation/          with pruning.target: the per-layer ratios solved for it
                                    (allocation.json, reused on resume), their table and plot
+    runs/NAME/judgement/MODEL.safetensors
+                                   the final judge's per-image verdicts and adversarial images
+                                   of dense and compressed (rapc.judgement), for bench to reuse
     runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
                                    last, so it marks a finished run
 
@@ -99,6 +102,10 @@ class RunPaths:
     def models(self) -> dict[str, Path]:
         """The run's two saved models by name, the names their ONNX files and bench artifacts take."""
         return {"dense": self.dense, "compressed": self.compressed}
+
+    def judgement(self, model: str) -> Path:
+        """The final judge's verdict on one of :meth:`models`, per image and with its adversarial images."""
+        return self.root / "judgement" / f"{model}.safetensors"
 
     @property
     def export(self) -> Path:

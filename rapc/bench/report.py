@@ -41,12 +41,18 @@ def _with_error(attack: dict[str, Any]) -> str:
     return f"{attack['accuracy']:.1%} ± {attack['stderr']:.1%}"
 
 
+def _with_error_of(p: float | None, n: int) -> str:
+    """:func:`_with_error` for a figure of n images that the report keeps without its standard error."""
+    return "-" if p is None else _with_error({"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0})
+
+
 def _accuracy(report: dict[str, Any]) -> Table:
     """Every figure with its attack's label, its n and its standard error."""
     dense, compressed = report["robustness"]["dense"], report["robustness"]["compressed"]
     rows = [(a["name"], a["label"], str(a["n"]), _with_error(a), _with_error(b)) for a, b in zip(dense["attacks"], compressed["attacks"])]
     n = min(a["n"] for a in dense["attacks"])
-    rows.append(("all", "worst case per image over every attack above", str(n), _pct(dense["worst_case"]), _pct(compressed["worst_case"])))
+    rows.append(("all", "worst case per image over every attack above", str(n), _with_error_of(dense["worst_case"], n),
+                 _with_error_of(compressed["worst_case"], n)))
     eps = report["judge"]["eps"]
     return Table(f"Accuracy on PyTorch (fp32), L-inf eps {eps:g}, {report['n_eval']} test images (± standard error)",
                  ("attack", "label", "n", "dense", "compressed"), rows, label_columns=3)
@@ -60,7 +66,8 @@ def _replay(report: dict[str, Any]) -> Table | None:
     rows = []
     for key, entry in report["replay"].items():
         if "accuracy" in entry:
-            rows.append((key, entry["runtime"].split(":")[0], *(_pct(entry["accuracy"].get(a["name"])) for a in attacks), _pct(entry["accuracy"]["all"])))
+            rows.append((key, entry["runtime"].split(":")[0], *(_with_error_of(entry["accuracy"].get(a["name"]), a["n"]) for a in attacks),
+                         _with_error_of(entry["accuracy"]["all"], min(a["n"] for a in attacks))))
         else:
             rows.append((key, f"not run: {entry['not_run']}", *("" for _ in attacks), ""))
     return Table("The PyTorch adversarial images replayed on each exported artifact", ("artifact", "runtime", *headers, "all (worst case)"), rows,

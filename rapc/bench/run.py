@@ -3,6 +3,7 @@ measured side by side: robust accuracy on PyTorch, the same adversarial images r
 on each exported artifact, and latency per backend and batch size.
 
     runs/NAME/bench/bench.json   everything, machine and library versions included
+    runs/NAME/bench/attacks/     the verdicts it judged itself (rapc.judgement), reused by a later bench
     runs/NAME/bench/report.md    the tables
     runs/NAME/bench/*.png        robust accuracy vs latency; kept channels per layer
 """
@@ -10,7 +11,6 @@ on each exported artifact, and latency per backend and batch size.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -29,15 +29,16 @@ from rapc.bench.robustness import bench_protocol, replay
 from rapc.config import describe
 from rapc.data import load_data
 from rapc.device import resolve_device
+from rapc import judgement
 from rapc.errors import RapcError
 from rapc.export.artifacts import check_set
 from rapc.export.runners import OnnxRuntimeRunner, Runner
 from rapc.export.tensorrt import TensorRTRunner, cannot_run_engines
 from rapc.modelio import WEIGHTS, load_model, read_architecture
 from rapc.measure import compare_layers, layer_stats, summary
-from rapc.judge import Protocol, Verdict, judge
+from rapc.judge import Protocol, Verdict, extend as extend_verdict, judge
 from rapc.progress import Reporter, SilentReporter
-from rapc.rundir import atomic_write, open_run, writable_dir
+from rapc.rundir import open_run, writable_dir
 
 
 
@@ -46,16 +47,23 @@ class BenchOptions:
     backends: tuple[str, ...] = tuple(BACKENDS)
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
     attacks: str = "quick"  # quick: clean, FGSM, PGD, ensemble (APGD-CE + APGD-T); full: also FAB-T and Square
-    n_eval: int = 1000
-    n_ensemble: int | None = None  # the ensemble (and FAB-T, Square) on the first n evaluation images; None: all
+    # The defaults are what compress judged (the run's eval.n_test and eval.n_ensemble), so that its
+    # saved judgement is reused rather than attacked again.
+    n_eval: int | None = None  # test images to judge; None: the run's eval.n_test (None there: all)
+    n_ensemble: int | None = None  # the ensemble (and FAB-T, Square) on the first n of them; None: the run's eval.n_ensemble
+    full_judgement: bool = False  # every test image, each under the ensemble: the figures to publish
     pgd: tuple[int, int] | None = None  # (steps, restarts) of the judge's PGD; None: the run's attack.eval
     timing: TimingPolicy = field(default_factory=TimingPolicy)
 
     def __post_init__(self) -> None:
         if bad := [b for b in self.batch_sizes if b < 1]:
             raise RapcError(f"batch sizes must be at least 1, got {bad[0]}")
-        if self.n_eval < 1:
+        if self.n_eval is not None and self.n_eval < 1:
             raise RapcError(f"n_eval must be at least 1, got {self.n_eval}")
+        if self.n_ensemble is not None and self.n_ensemble < 1:
+            raise RapcError(f"n_ensemble must be at least 1, got {self.n_ensemble}")
+        if self.full_judgement and (self.n_eval is not None or self.n_ensemble is not None):
+            raise RapcError("the full judgement is every test image under the ensemble; give it without --n-eval and --n-ensemble")
         for name in self.backends:
             BACKENDS.get(name)  # an unknown name is a one-line error before anything runs
 
@@ -151,28 +159,29 @@ def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Verdict], l
     return results
 
 
-def _attack_key(protocol: Protocol, n_eval: int, weights: Path) -> str:
-    """What the attack results depend on: the judge's protocol, the images and the exact weights."""
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return json.dumps({"judge": asdict(protocol), "n_eval": n_eval, "weights": digest}, sort_keys=True)
-
-
 def _robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, n_classes: int,
-                device: torch.device, cache: Path, key: str, reporter: Reporter, title: str) -> Verdict:
-    """The judge's verdict on one model, or its saved result from an earlier bench with the same key:
-    the ensemble takes long on a CPU, and a later failure or Ctrl-C must not cost it again."""
-    if cache.is_file():
-        try:
-            state = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception:  # a stale or damaged cache is recomputed, never trusted
-            state = {}
-        if state.get("key") == key:
-            reporter.log(f"{title}: attack results reused from {cache}")
-            return Verdict.from_state_dict(state)
+                device: torch.device, weights: Path, compress_judgement: Path, cache: Path, extend: bool, reporter: Reporter,
+                title: str) -> Verdict:
+    """The judge's verdict on one model: a saved one (an earlier bench's in ``cache``, compress's in
+    ``compress_judgement``) when it is what ``protocol`` asks of these weights and images, else what
+    one lacks judged on top of it (with ``extend``), else judged afresh. What is judged is saved to
+    ``cache``: the ensemble takes long on a CPU, and a later failure or Ctrl-C must not cost it again."""
+    digest = judgement.file_digest(weights)
+    saved = {"an earlier bench's": cache, "compress's": compress_judgement}
+    found = [(whose, stored) for whose, path in saved.items()
+             if (stored := judgement.load(path, images)) is not None and stored.covers(protocol, digest, images, labels)]
     on_device = copy.deepcopy(model).to(device)  # the CPU latency backends keep the original
-    result = judge(on_device, images.to(device), labels.to(device), protocol, n_classes, reporter, title)
-    cache.parent.mkdir(exist_ok=True)
-    atomic_write(cache, lambda tmp: torch.save({"key": key, **result.state_dict()}, tmp))
+    if whole := [(whose, stored) for whose, stored in found if stored.is_all_of(protocol, len(labels))]:
+        whose, stored = whole[0]
+        reporter.log(f"reused {whose} judgement of {title} ({stored.describe()})")
+        return extend_verdict(stored.verdict, on_device, images, labels, protocol, n_classes, reporter, title)  # adds nothing
+    if found and extend:
+        whose, stored = found[0]
+        reporter.log(f"{whose} judgement of {title} ({stored.describe()}) reused; judging only what it lacks")
+        result = extend_verdict(stored.verdict, on_device, images, labels, protocol, n_classes, reporter, title)
+    else:
+        result = judge(on_device, images.to(device), labels.to(device), protocol, n_classes, reporter, title)
+    judgement.save(cache, result, weights, labels, device)
     return result
 
 
@@ -231,7 +240,12 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     out = writable_dir(out or paths.bench)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, cfg.seed)
-    images, labels = check_set(splits, options.n_eval)
+    if options.full_judgement:
+        n_eval, n_ensemble = None, None
+    else:
+        n_eval = options.n_eval if options.n_eval is not None else cfg.eval.n_test
+        n_ensemble = options.n_ensemble if options.n_ensemble is not None else cfg.eval.n_ensemble
+    images, labels = check_set(splits, n_eval)
     input_shape = tuple(read_architecture(paths.compressed).input_shape)
     models = {name: load_model(directory, allow_import=cfg.model.allow_import).eval() for name, directory in directories.items()}
     example = images[:2]
@@ -246,10 +260,11 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
         reasons = "; ".join(skipped_lines(skipped))
         raise RapcError(f"none of the requested backends can run here: {reasons}; choose others with --backends")
 
-    protocol = bench_protocol(cfg.attack.eval, options.attacks, options.pgd, options.n_ensemble, cfg.seed)
+    # The judge batches the images as compress's final judge did, so that PGD's random starts are its own.
+    protocol = bench_protocol(cfg.attack.eval, options.attacks, options.pgd, n_ensemble, cfg.seed, cfg.data.eval_batch_size)
     robustness = {
-        name: _robustness(model, images, labels, protocol, splits.info.num_classes, device, out / "attacks" / f"{name}.pt",
-                          _attack_key(protocol, len(labels), directories[name] / WEIGHTS), reporter, name)
+        name: _robustness(model, images, labels, protocol, splits.info.num_classes, device, directories[name] / WEIGHTS,
+                          paths.judgement(name), out / "attacks" / f"{name}.safetensors", not options.full_judgement, reporter, name)
         for name, model in models.items()
     }
     replays = _replays(targets, robustness, labels, reporter)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rapc import judge
+from rapc import judge, judgement
 from rapc.config import Config
 from rapc.data import load_data
 from rapc.device import resolve_device, seed_everything
@@ -38,12 +38,19 @@ from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import ReadOnlyRunDir, RunDir, open_run
 
 
-def _report(model: nn.Module, test: DataLoader, cfg: Config, example: torch.Tensor, weights: Path,
-            reporter: Reporter, title: str) -> dict[str, Any]:
+def _report(model: nn.Module, name: str, run: RunDir, test: DataLoader, cfg: Config, example: torch.Tensor,
+            reporter: Reporter) -> dict[str, Any]:
     """Size and the judge's final figures on the test split: clean, FGSM, PGD and the ensemble,
-    each with its label, n and standard error; ``robust`` is the strongest (the ensemble)."""
-    protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_ensemble, seed=cfg.seed)
-    verdict = judge.judge_loader(model, test, protocol, reporter=reporter, title=title)
+    each with its label, n and standard error; ``robust`` is the strongest (the ensemble).
+
+    The verdict per image, with its adversarial images, is saved beside the run's models
+    (``RunPaths.judgement``), so that bench replays it rather than attacking again. The
+    protocol records the loader's batch size: PGD draws its random starts per batch."""
+    protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_ensemble, seed=cfg.seed, batch=test.batch_size)
+    verdict = judge.judge_loader(model, test, protocol, reporter=reporter, title=name, keep_images=True)
+    weights = run.models()[name] / WEIGHTS
+    labels = torch.cat([y for _, y in test])
+    judgement.save(run.judgement(name), verdict, weights, labels, next(model.parameters()).device)
     return summary(model, example) | {
         "file_bytes": weights.stat().st_size, "clean": verdict.clean.accuracy, "pgd": verdict["pgd"].accuracy,
         "robust": verdict.robust.accuracy, "judge": verdict.to_dict(),
@@ -172,8 +179,8 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
 
     judging = time.perf_counter()
-    dense_report = _report(dense, data.test, cfg, example, run.dense / WEIGHTS, reporter, "dense")
-    compressed_report = _report(result.model, data.test, cfg, example, run.compressed / WEIGHTS, reporter, "compressed")
+    dense_report = _report(dense, "dense", run, data.test, cfg, example, reporter)
+    compressed_report = _report(result.model, "compressed", run, data.test, cfg, example, reporter)
     records = run.records()
     seconds = _seconds(records, time.perf_counter() - judging)
     layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))

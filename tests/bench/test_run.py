@@ -133,7 +133,7 @@ def test_a_run_without_models_is_a_user_error(tmp_path, digits_run):
 
 def test_attack_results_are_cached_per_plan_and_weights_and_reused(benched, tmp_path, monkeypatch):
     run, report = benched
-    assert (run / "bench" / "attacks" / "compressed.pt").is_file()
+    assert (run / "bench" / "attacks" / "compressed.safetensors").is_file()
     with monkeypatch.context() as patched:
         patched.setattr("rapc.bench.run.judge", lambda *a, **k: pytest.fail("attacked again"))
         again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, n_ensemble=200, timing=QUICK),
