@@ -112,6 +112,11 @@ class OverfitGuardConfig(Strict):
     enabled: bool = True
     drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     action: Literal["stop", "flag"] = "stop"
+    # It runs after every epoch of a fast recipe, so it is sized to see a collapse of tens of points
+    # (one standard error at 128 images is at most 4.4 points), not to measure: PGD-20 on 256 images cost
+    # as much as a carried-perturbation epoch's training (docs/results.md).
+    images: PositiveInt = Field(128, description="the fixed training images the guard attacks after each epoch")
+    steps: PositiveInt = Field(10, description="steps of the guard's PGD (step 2.5*eps/steps, one restart, attack.eval's eps)")
 
 
 class TrainAttackConfig(AttackConfig):

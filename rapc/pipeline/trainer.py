@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rapc import judge
-from rapc.config import Config, StageConfig, TrainAttackConfig
+from rapc.config import AttackConfig, Config, StageConfig, TrainAttackConfig
 from rapc.data import Splits, head, loader
 from rapc.errors import RapcError
 from rapc.measure import sparsity
@@ -55,7 +55,8 @@ class RunData:
             train = loader(indexed, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
         val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
         test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
-        return cls(train, val, test, next(iter(loader(splits.train, 256, shuffle=False))), next(iter(val))[0][:64].to(device))
+        guard_batch = next(iter(loader(splits.train, cfg.attack.train.guard.images, shuffle=False)))
+        return cls(train, val, test, guard_batch, next(iter(val))[0][:64].to(device))
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Trainer:
             self.model, optimizer, make_schedule(optimizer, plan.config.schedule, steps, plan.config.epochs),
             scaler=torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None,
             guard=(
-                OverfitGuard(self.guard_batch, self.cfg.attack.eval, attack_cfg.guard.drop)
+                OverfitGuard(self.guard_batch, _guard_attack(self.cfg), attack_cfg.guard.drop)
                 if attack_cfg.fast and attack_cfg.guard.enabled
                 else None
             ),
@@ -291,6 +292,12 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     if "residuals" in record:
         line += f"  rho {record['rho']:.3g}  residual {max(record['residuals'].values()):.3f}"
     return line + f"  {record['seconds']:.0f}s"
+
+
+def _guard_attack(cfg: Config) -> AttackConfig:
+    """The guard's PGD: attack.eval's eps, the guard's steps at the rule step, one restart."""
+    return AttackConfig(method="pgd", eps=cfg.attack.eval.eps, steps=cfg.attack.train.guard.steps, restarts=1,
+                        random_start=cfg.attack.eval.random_start)
 
 
 def eps_epochs(attack: TrainAttackConfig, stage: StageConfig) -> tuple[int, int, int]:

@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from rapc.config import AttackConfig
+from rapc.config import AttackConfig, load_config
 from rapc.data import loader
 from rapc.pipeline.guard import OverfitGuard
 
@@ -31,3 +31,15 @@ def test_guard_flags_a_model_whose_pgd_accuracy_never_rose_far_below_its_fgsm_tr
     assert pgd < 0.2 and collapsed
     assert not OverfitGuard(batch, attack, drop=0.2).check(trained_lenet, fgsm_accuracy=pgd + 0.1)[1]
     assert not OverfitGuard(batch, attack, drop=0.2).check(trained_lenet)[1]
+
+
+def test_the_guard_attacks_its_configured_images_with_its_configured_steps(digits):
+    """Sized to see a collapse, not to measure: after every epoch of a fast recipe it must cost little."""
+    from rapc.pipeline.trainer import RunData, _guard_attack
+
+    cfg = load_config("digits-lenet-filter", ["attack.train.guard.images=48", "attack.train.guard.steps=4"])
+    data = RunData.make(cfg, digits, torch.device("cpu"))
+    assert len(data.guard_batch[0]) == len(data.guard_batch[1]) == 48
+    attack = _guard_attack(cfg)
+    assert (attack.steps, attack.restarts, attack.eps) == (4, 1, cfg.attack.eval.eps)
+    assert attack.step_size == 2.5 * cfg.attack.eval.eps / 4
