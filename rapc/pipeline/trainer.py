@@ -10,7 +10,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,14 +91,20 @@ class Trainer:
     store: PerturbationStore | None = None  # carried perturbations (attack.train.carry); None: a new one if carrying
 
     def __post_init__(self) -> None:
-        if self.store is None and self.cfg.attack.train.carry and self.cfg.attack.train.method != "none":
-            x = self.train.dataset[0][0]
-            self.store = PerturbationStore.make(len(self.train.dataset), x.shape, self.cfg.attack.train.eps, self.device, self.ranks)
+        if self.store is None:
+            self.store = self._new_store()
+
+    def _new_store(self) -> PerturbationStore | None:
+        """An empty store of the training set's perturbations when the training attack carries them, else None."""
+        attack = self.cfg.attack.train
+        if not attack.carry or attack.method == "none":
+            return None
+        return PerturbationStore.make(len(self.train.dataset), self.train.dataset[0][0].shape, attack.eps, self.device, self.ranks)
 
     def carried_after(self, stage: str) -> PerturbationStore | None:
         """A new store holding the perturbations as ``stage``'s checkpoint saved them (none saved: empty),
         for a model that continues from that stage's end on its own (compress's dense control)."""
-        store = replace(self, store=None).store
+        store = self._new_store()
         saved = self.run.load_checkpoint(stage).get("store") if store is not None and self.run.has_checkpoint(stage) else None
         if saved is not None:
             store.load_state_dict(saved)
