@@ -1,6 +1,6 @@
-"""The README's "Compress your own model" example (examples/own_model/), run end to end at a tiny size
+"""The worked "Compress your own model" example (docs/configuration.md, examples/own_model/), run end to end at a tiny size
 so that it cannot rot: the user's scripts make an image folder and train their own network outside
-rapc, then the README's commands compress, export and bench it with the example's config."""
+rapc, then its commands compress, export and bench it with the example's config."""
 
 from __future__ import annotations
 
