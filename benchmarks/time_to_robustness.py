@@ -109,6 +109,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
             "admm.rho=0.001", "admm.rho_multiplier=1.3", "admm.update_every=1", "admm.update_unit=epoch")),
     Recipe("carry-1", "PGD-1 of step eps/2 from each example's perturbation of its last visit (attack.train.carry, ATTA): "
            "2 passes a batch where PGD-5 takes 6", ("attack.train.carry=true", "attack.train.steps=1", "attack.train.step={eps_2}")),
+    Recipe("carry-1-val200", "carry-1, selecting the best epoch on 200 of the validation images (eval.n_val=200): "
+           "selection's PGD-20x2 costs 41 passes an image, more than carry-1's training on the small split",
+           ("attack.train.carry=true", "attack.train.steps=1", "attack.train.step={eps_2}", "eval.n_val=200")),
     Recipe("carry-2", "PGD-2 of step eps/4 from each example's carried perturbation (ATTA)",
            ("attack.train.carry=true", "attack.train.steps=2", "attack.train.step={eps_4}")),
     Recipe("free-2", "free adversarial training: each batch replayed twice, one backward pass for weights and perturbation, "
