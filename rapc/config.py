@@ -89,6 +89,11 @@ class ModelConfig(Strict):
         return kwargs
 
 
+def rule_step(eps: float, steps: int) -> float:
+    """2.5*eps/steps (Madry et al. 2018): steps*step = 2.5*eps, so PGD can cross the eps-box from a random start."""
+    return 2.5 * eps / steps
+
+
 class AttackConfig(Strict):
     """An L-inf attack in pixel units ([0,1] images)."""
 
@@ -103,7 +108,7 @@ class AttackConfig(Strict):
     def step_size(self) -> float:
         if self.step is not None:
             return self.step
-        return 1.25 * self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
+        return 1.25 * self.eps if self.method == "fgsm" else rule_step(self.eps, self.steps)
 
 
 class OverfitGuardConfig(Strict):
@@ -158,7 +163,7 @@ class AttacksConfig(Strict):
         if ev.method == "pgd" and ev.step is not None and ev.steps * ev.step < 2 * ev.eps:
             warnings.warn(f"attack.eval: {ev.steps} steps of {ev.step:g} travel {ev.steps * ev.step:.3g} < 2*eps = {2 * ev.eps:.3g}, "
                           f"too short to cross the eps-box; robust accuracy will be overstated. Remove attack.eval.step "
-                          f"to use 2.5*eps/steps = {2.5 * ev.eps / ev.steps:.3g}", ConfigWarning)
+                          f"to use 2.5*eps/steps = {rule_step(ev.eps, ev.steps):.3g}", ConfigWarning)
         return self
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rapc.attacks import attack_batch
-from rapc.config import AttackConfig
+from rapc.config import AttackConfig, rule_step
 from rapc.errors import RapcError, require
 from rapc.progress import Reporter, SilentReporter
 
@@ -61,11 +61,6 @@ SQUARE_WARNING = 0.01  # fraction of the images broken only by the black-box Squ
 
 ENSEMBLE_PARTS = ("apgd-ce", "apgd-t")
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-def rule_step(eps: float, steps: int) -> float:
-    """2.5*eps/steps (Madry et al. 2018): steps*step = 2.5*eps, so PGD can cross the eps-box from a random start."""
-    return 2.5 * eps / steps
 
 
 def pgd_label(steps: int, restarts: int, step: float, random_start: bool = True) -> str:
