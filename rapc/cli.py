@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rapc.bench.backends import BACKENDS
+from rapc.bench.run import BenchOptions
 from rapc.config import DEFAULT_PRESET, TARGET_METRICS, WEIGHTS_SUFFIXES, ConfigWarning, describe, load_config, presets
 from rapc.errors import RapcError
 from rapc.export.precision import PRECISIONS
@@ -24,6 +25,7 @@ from rapc.study import ROWS, StudyOptions
 # Help texts read the registries and the study's defaults: a newly registered scheme, backend or
 # study row is listed by --help without an edit here.
 STUDY_DEFAULTS = StudyOptions()
+BENCH_DEFAULTS = BenchOptions()
 
 
 class RapcGroup(click.Group):
@@ -349,14 +351,23 @@ def _pgd(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple
                    "reused only if it is exactly that; not with --n-eval or --n-ensemble.")
 @click.option("--pgd", default=None, callback=_pgd, metavar="STEPSxRESTARTS",
               help="The judge's PGD, at step 2.5*eps/steps (default: the run's attack.eval steps, at least 2 restarts).")
+@click.option("--n-square", type=click.IntRange(min=1), default=BENCH_DEFAULTS.n_square, show_default=True,
+              help="Square (black-box, through each exported file's runtime) on the first N test images, at most the "
+                   "ensemble's; each robust image costs --square-queries passes of the file. The deployed robust accuracy "
+                   "is the worst case per image of it and the replay.")
+@click.option("--square-queries", type=click.IntRange(min=1), default=BENCH_DEFAULTS.square_queries, show_default=True,
+              help="Square's query budget per image (AutoAttack's reference); fewer is a weaker attack, named in every label.")
+@click.option("--no-square", is_flag=True, help="Skip Square: the deployed figure is then the replay's alone.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Minimum timed seconds per batch size.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Output directory (default RUN/bench).")
 def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks: str, n_eval: int | None, n_ensemble: int | None,
-          full_judgement: bool, pgd: tuple[int, int] | None, min_seconds: float, out: str | None) -> None:
+          full_judgement: bool, pgd: tuple[int, int] | None, n_square: int, square_queries: int, no_square: bool,
+          min_seconds: float, out: str | None) -> None:
     """Latency and robust accuracy of a run's dense and compressed models, side by side.
 
     Attacks run on the PyTorch models (fp32); their adversarial images are replayed on every
-    file `rapc export` wrote (ONNX fp32/fp16/int8, TensorRT engines). Latency is timed per
+    file `rapc export` wrote (ONNX fp32/fp16/int8, TensorRT engines), and Square attacks each
+    file through its runtime: deployed robust accuracy. Latency is timed per
     backend and batch size, dense and compressed interleaved in one process. Writes
     RUN/bench/bench.json, report.md, robust_vs_latency.png and layers.png.
 
@@ -365,11 +376,12 @@ def bench(run: str, backends: str | None, batch_sizes: tuple[int, ...], attacks:
     """
     from rapc.bench.latency import TimingPolicy
     from rapc.bench.report import skipped_lines, tables
-    from rapc.bench.run import BenchOptions, bench_run
+    from rapc.bench.run import bench_run
 
     options = BenchOptions(
         backends=tuple(backends.split(",")) if backends else tuple(BACKENDS), batch_sizes=batch_sizes, attacks=attacks,
-        n_eval=n_eval, n_ensemble=n_ensemble, full_judgement=full_judgement, pgd=pgd, timing=TimingPolicy(min_seconds=min_seconds),
+        n_eval=n_eval, n_ensemble=n_ensemble, full_judgement=full_judgement, pgd=pgd, n_square=None if no_square else n_square,
+        square_queries=square_queries, timing=TimingPolicy(min_seconds=min_seconds),
     )
     with RichReporter(log_console()) as reporter:
         report = bench_run(run, options, out, reporter)

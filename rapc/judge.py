@@ -217,8 +217,13 @@ class Verdict:
 
     def worst_case(self) -> float:
         """Accuracy when every attack gets its try on every image (on the images all attacks saw)."""
-        n = min(r.n for r in self.results)
-        return float(torch.stack([r.correct[:n] for r in self.results]).all(0).float().mean()) if n else 0.0
+        correct = self.worst_case_per_image()
+        return float(correct.float().mean()) if len(correct) else 0.0
+
+    def worst_case_per_image(self, n: int | None = None) -> torch.Tensor:
+        """Per image, still correct under every attack, on the first ``n`` images (None: all that every attack saw)."""
+        n = min(r.n for r in self.results) if n is None else n
+        return torch.stack([r.correct[:n] for r in self.results]).all(0)
 
     def worst_case_label(self) -> str:
         """What :meth:`worst_case` is the worst case of. The strongest attack already takes the worst
@@ -258,6 +263,12 @@ class Verdict:
         on PyTorch: robust means correct on the clean image and on the attack's image; 'all' is
         the worst case over every attack. Needs the images (``keep_images=True``).
         """
+        return replay_accuracy(self.replay_correct(predict, labels, batch))
+
+    def replay_correct(self, predict: Callable[[np.ndarray], np.ndarray], labels: torch.Tensor,
+                       batch: int = 256) -> dict[str, np.ndarray]:
+        """:meth:`replay` per image: for each attack, whether the runtime is correct on the clean
+        image and on the attack's image (as many images as the attack saw)."""
         labels_np = labels.cpu().numpy()
         correct: dict[str, np.ndarray] = {}
         for r in self.results:
@@ -267,13 +278,18 @@ class Verdict:
             preds = np.concatenate([np.asarray(predict(images[i : i + batch])).argmax(1) for i in range(0, len(images), batch)])
             correct[r.name] = preds == labels_np[: len(preds)]
         clean = correct["clean"]
-        accuracy = {"clean": float(clean.mean())}
-        for name, ok in correct.items():
-            if name != "clean":
-                accuracy[name] = float((ok & clean[: len(ok)]).mean())
-        shortest = min(len(ok) for ok in correct.values())
-        accuracy["all"] = float(np.stack([ok[:shortest] for ok in correct.values()]).all(0).mean())
-        return accuracy
+        return {name: ok if name == "clean" else ok & clean[: len(ok)] for name, ok in correct.items()}
+
+
+def replay_worst_case(correct: dict[str, np.ndarray], n: int | None = None) -> np.ndarray:
+    """Per image, correct under every replayed attack, on the first ``n`` images (None: as many as every attack saw)."""
+    n = min(len(ok) for ok in correct.values()) if n is None else n
+    return np.stack([ok[:n] for ok in correct.values()]).all(0)
+
+
+def replay_accuracy(correct: dict[str, np.ndarray]) -> dict[str, float]:
+    """:meth:`Verdict.replay_correct` as accuracies, and 'all': the worst case over every attack."""
+    return {name: float(ok.mean()) for name, ok in correct.items()} | {"all": float(replay_worst_case(correct).mean())}
 
 
 @contextmanager
@@ -330,11 +346,19 @@ def _part(name: str, model: nn.Module, eps: float, n_classes: int, seed: int) ->
         attack = ta.FAB(model, norm="Linf", eps=eps, steps=REFERENCE_STEPS, n_restarts=1, seed=seed, multi_targeted=True,
                         n_classes=n_classes)
     elif name == "square":
-        return ta.Square(model, norm="Linf", eps=eps, n_queries=SQUARE_QUERIES, n_restarts=1, seed=seed)
+        return square_attack(model, eps, seed)
     else:
         raise ValueError(f"unknown AutoAttack part {name!r}")
     attack.n_target_classes = _targets(n_classes)  # torchattacks reads it from this attribute, not the constructor
     return attack
+
+
+def square_attack(model: nn.Module, eps: float, seed: int, queries: int = SQUARE_QUERIES) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Square (Andriushchenko et al. 2020) as AutoAttack runs it: L-inf, margin loss, one restart,
+    p_init 0.8, its random draws from ``seed``. Black-box: it reads only ``model``'s logits, so the
+    model may be anything that returns them (rapc.bench.blackbox wraps a deployed runtime)."""
+    ta = require("torchattacks", "pip install torchattacks")
+    return ta.Square(model, norm="Linf", eps=eps, n_queries=queries, n_restarts=1, seed=seed)
 
 
 def zero_gradient_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> int:

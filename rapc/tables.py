@@ -13,14 +13,17 @@ class Table:
     headers: tuple[str, ...]
     rows: list[tuple[str, ...]]
     label_columns: int = 1  # the first columns hold names (left-aligned); the rest hold figures
+    legend: str = ""  # under the table: what short column names mean
 
     def markdown(self) -> str:
         lines = [f"## {self.title}", "", "| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.legend:
+            lines += ["", self.legend]
         return "\n".join(lines) + "\n"
 
     def rich(self) -> RichTable:
-        out = RichTable(title=self.title)
+        out = RichTable(title=self.title, caption=self.legend or None, caption_justify="left")
         for i, header in enumerate(self.headers):
             if i < self.label_columns:  # names are never cut short; long figure headers (attack labels) wrap instead
                 width = max(len(str(text)) for text in (header, *(row[i] for row in self.rows)))

@@ -9,7 +9,8 @@ Run with the interpreter that has PyTorch (python3 on the GPU machines), from a 
    from the wheel folder with no index: with pip's resolver, or, if it refuses (a version there
    outside rapc's bounds), every wheel of the folder with --no-deps; then checks the imports and
    that rapc comes from that environment, not from the tree;
-3. with a CUDA GPU: runs the gpu-marked tests against the installed rapc, a short
+3. with a CUDA GPU: runs the gpu-marked tests against the installed rapc (Square through the
+   onnxruntime CUDA and TensorRT runners among them), a short
    `rapc compress -c cifar10-resnet18-filter` on random images of CIFAR-10's shape (bf16,
    channels_last), `rapc export --dense`, and `rapc bench` on torch-eager-cuda and
    torch-cudagraphs, then on torch-compiled-cuda, at batch 1, 8, 64, 256, dense and compressed.
@@ -225,9 +226,11 @@ def main() -> int:
                           cwd=work / "cwd", env=env)
             # Two benches: torch.compile compiles each model at each batch size (minutes), and a bench
             # killed at the budget's end writes no tables; eager and CUDA graphs come first, whole.
+            # --no-square: the bench's Square goes through onnxruntime CPU (minutes on a ResNet-18, past
+            # the caps); Square through the CUDA and TensorRT runners is in the gpu tests above.
             for step, (backends, folder, cap) in BENCHES.items():
                 check.command(step, [*wrapper, "bench", str(run_dir), "--backends", backends, "--batch-sizes", BATCH_SIZES,
-                                     "--n-eval", "256", "--min-seconds", "0.5", "--out", str(run_dir / folder)],
+                                     "--n-eval", "256", "--no-square", "--min-seconds", "0.5", "--out", str(run_dir / folder)],
                               cap=cap, cwd=work / "cwd", env=env)
         else:
             for step in ("rapc export", *BENCHES):

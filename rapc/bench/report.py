@@ -74,6 +74,37 @@ def _replay(report: dict[str, Any]) -> Table | None:
                  label_columns=2)
 
 
+def _deployed(report: dict[str, Any]) -> Table | None:
+    """Per exported file and runtime: clean, replay, Square and their worst case, beside PyTorch's
+    figure, all on the same images; short columns (it fits 80 characters) with a legend."""
+    entries = report.get("deployed") or {}
+    measured = [e for e in entries.values() if "deployed" in e]
+    if not entries:
+        return None
+    rows, not_run = [], []
+    for key, e in entries.items():
+        if "deployed" not in e:
+            rows.append((e["artifact"], e["backend"], *("-" for _ in range(5))))
+            not_run.append(f"{key}: {e['not_run']}")
+            continue
+        square = e["square"]
+        rows.append((e["artifact"], e["backend"], _pct(e["clean"]["accuracy"]), _pct(e["replay"]["accuracy"]),
+                     _pct(square["accuracy"]) if square else "-", _with_error(e["deployed"]), _pct(e["pytorch"]["accuracy"])))
+    ns = sorted({e["n"] for e in measured})
+    squares = sorted({e["square"]["label"].split(" on ")[0] for e in measured if e["square"]})
+    eps = report["judge"]["eps"]
+    legend = (f"n={'/'.join(map(str, ns)) or '-'}: the first test images, L-inf eps {eps:g}. runs on: the bench backend "
+              "(ort-cpu: onnxruntime CPU). replay: worst case over the PyTorch adversarial images replayed on the file. "
+              + (f"Square: {', '.join(squares)} through the runtime (black-box, only its outputs). " if squares else
+                 "Square: not run (--no-square). ")
+              + "deployed: worst case per image of replay and Square, ± standard error. PyTorch: what the white-box attacks "
+              f"left on the fp32 PyTorch model on the same images ({report['worst_case_label'].rsplit(', n=', 1)[0]}).")
+    if not_run:
+        legend += " Not run: " + "; ".join(not_run) + "."
+    return Table("Deployed robust accuracy (each file attacked on its runtime)",
+                 ("artifact", "runs on", "clean", "replay", "Square", "deployed", "PyTorch"), rows, label_columns=2, legend=legend)
+
+
 def _latency(report: dict[str, Any]) -> Table:
     rows = [
         (l["backend"], str(l["batch"]), l["artifact"], f"{l['mean_ms']:.3f}", f"{l['p50_ms']:.3f}", f"{l['p90_ms']:.3f}",
@@ -113,7 +144,8 @@ def skipped_lines(skipped: dict[str, str]) -> list[str]:
 
 
 def tables(report: dict[str, Any]) -> list[Table]:
-    return [t for t in (_models(report), _accuracy(report), _replay(report), _speedup(report), _latency(report), _layers(report)) if t]
+    return [t for t in (_models(report), _accuracy(report), _replay(report), _deployed(report), _speedup(report), _latency(report),
+                        _layers(report)) if t]
 
 
 def _markdown_report(report: dict[str, Any]) -> str:
@@ -136,29 +168,63 @@ def _markdown_report(report: dict[str, Any]) -> str:
 
 
 PRECISION_MARKERS = {"fp32": "o", "fp16": "^", "int8": "D"}
+LABEL_OFFSETS = ((4, 3), (4, -10), (4, 12), (4, -19))  # points: right of the marker, alternately above and below
+MIN_SPAN = 10.0  # percentage points: the y-axis never spans less, so that a 2-point difference looks like one
+
+
+def _y_range(points: list[dict[str, Any]]) -> tuple[float, float]:
+    """In percent: every point with its error bar, padded, at least MIN_SPAN wide, within [0, 100]."""
+    low = min(100 * (p["accuracy"] - p["stderr"]) for p in points)
+    high = max(100 * (p["accuracy"] + p["stderr"]) for p in points)
+    pad = max(1.0, 0.1 * (high - low))
+    low, high = low - pad, high + pad
+    if high - low < MIN_SPAN:
+        middle = (low + high) / 2
+        low, high = middle - MIN_SPAN / 2, middle + MIN_SPAN / 2
+    shift = max(0.0, -low) - max(0.0, high - 100)
+    return max(0.0, low + shift), min(100.0, high + shift)
 
 
 def _plot_accuracy_vs_latency(report: dict[str, Any], path: Path) -> None:
-    """One panel per batch size. Colour: backend; marker: precision; filled: compressed, hollow: dense."""
+    """Deployed robust accuracy (%, ± standard error) against p50 latency, one panel per batch size,
+    each point labelled with its artifact. Colour: backend; marker: precision; filled: compressed,
+    hollow: dense. PyTorch backends show the white-box figure of the fp32 model on the same images."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
-    points = [l for l in report["latency"] if l["robust_accuracy"] is not None]
+    points = [l for l in report["latency"] if l.get("deployed")]
     batches = sorted({l["batch"] for l in points}) or [0]
     cols = min(2, len(batches))
     rows = math.ceil(len(batches) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False, layout="constrained")
     backends = sorted({l["backend"] for l in points})
     colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    y_range = _y_range([l["deployed"] for l in points]) if points else (0.0, 100.0)
     for ax, batch in zip(axes.flat, batches):
-        for l in (l for l in points if l["batch"] == batch):
+        panel = sorted((l for l in points if l["batch"] == batch), key=lambda l: (round(l["deployed"]["accuracy"], 3), l["p50_ms"]))
+        row: list[float] = []  # accuracies of the points labelled so far at this height: their labels take turns above and below
+        for l in panel:
             model, _, precision = l["artifact"].partition(".")
-            color = colors[l["backend"]]
-            ax.scatter(l["p50_ms"], l["robust_accuracy"], marker=PRECISION_MARKERS.get(precision or "fp32", "o"), s=45,
-                       edgecolors=color, facecolors=color if model == "compressed" else "none")
-        ax.set_xscale("log")
-        ax.set_xlabel("p50 latency (ms, log scale)")
-        ax.set_ylabel("robust accuracy (worst case over every attack)")
+            color, figure = colors[l["backend"]], l["deployed"]
+            row = [*row, figure["accuracy"]] if row and abs(row[-1] - figure["accuracy"]) < 0.005 else [figure["accuracy"]]
+            offset = LABEL_OFFSETS[(len(row) - 1) % len(LABEL_OFFSETS)]
+            ax.errorbar(l["p50_ms"], 100 * figure["accuracy"], yerr=100 * figure["stderr"], fmt="none", ecolor=color, alpha=0.6,
+                        capsize=3)
+            ax.scatter(l["p50_ms"], 100 * figure["accuracy"], marker=PRECISION_MARKERS.get(precision or "fp32", "o"), s=45,
+                       edgecolors=color, facecolors=color if model == "compressed" else "none", zorder=3)
+            ax.annotate(l["artifact"], (l["p50_ms"], 100 * figure["accuracy"]), xytext=offset, textcoords="offset points",
+                        fontsize=6.5, color=color)
+        times = [l["p50_ms"] for l in points if l["batch"] == batch] or [1.0]
+        wide = max(times) > 10 * min(times)  # log scale only where it spans a decade: narrower, its tick labels collide
+        if wide:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis(FormatStrFormatter("%g"))
+        ax.set_ylim(*y_range)
+        ax.set_xlabel("p50 latency (ms, log scale)" if wide else "p50 latency (ms)")
+        ax.set_ylabel("deployed robust accuracy (%)")
         ax.set_title(f"batch {batch}")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(batches):]:
@@ -168,7 +234,11 @@ def _plot_accuracy_vs_latency(report: dict[str, Any], path: Path) -> None:
     handles += [Line2D([], [], color="0.3", marker="o", linestyle="", label="compressed (filled)"),
                 Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="", label="dense (hollow)")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
-    fig.suptitle("robust accuracy vs latency\n" + textwrap.fill(report["worst_case_label"], 110), fontsize=9)
+    ns = sorted({l["deployed"]["n"] for l in points})
+    labels = sorted({l["deployed"]["label"] for l in points})
+    caption = (f"deployed robust accuracy vs latency (± standard error, n={'/'.join(map(str, ns)) or '-'})\n"
+               + textwrap.fill("; ".join(labels) or "nothing measured", 120))
+    fig.suptitle(caption, fontsize=8.5)
     fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
 

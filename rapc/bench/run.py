@@ -1,6 +1,7 @@
 """``rapc bench``: the run's dense and compressed models, and every file exported from them,
 measured side by side: robust accuracy on PyTorch, the same adversarial images replayed
-on each exported artifact, and latency per backend and batch size.
+on each exported artifact, Square run through each artifact's runtime (deployed robust
+accuracy), and latency per backend and batch size.
 
     runs/NAME/bench/bench.json   everything, machine and library versions included
     runs/NAME/bench/attacks/     the verdicts it judged itself (rapc.judgement), reused by a later bench
@@ -18,14 +19,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from rapc.bench.backends import BACKENDS, Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
 from rapc.bench.report import skipped_lines, write_report
-from rapc.bench.robustness import bench_protocol, replay
+from rapc.bench.robustness import bench_protocol, deployed, deployed_warnings, figure, replay_per_image
 from rapc.config import describe
 from rapc.data import load_data
 from rapc.device import resolve_device
@@ -36,10 +38,15 @@ from rapc.export.runners import OnnxRuntimeRunner, Runner
 from rapc.export.tensorrt import TensorRTRunner, cannot_run_engines
 from rapc.modelio import WEIGHTS, load_model, read_architecture
 from rapc.measure import compare_layers, layer_stats, summary
-from rapc.judge import Protocol, Verdict, extend as extend_verdict, judge
+from rapc.judge import SQUARE_QUERIES, Protocol, Verdict, extend as extend_verdict, judge, replay_accuracy
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import open_run, writable_dir
 
+
+
+# Square's default share of the test images, modest: every image it cannot break costs square_queries
+# passes of each file (the seconds per file are in the bench's log and bench.json).
+N_SQUARE = 100
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class BenchOptions:
     n_ensemble: int | None = None  # the ensemble (and FAB-T, Square) on the first n of them; None: the run's eval.n_ensemble
     full_judgement: bool = False  # every test image, each under the ensemble: the figures to publish
     pgd: tuple[int, int] | None = None  # (steps, restarts) of the judge's PGD; None: the run's attack.eval
+    # Square through each exported file's runtime on the first n test images (at most the ensemble's
+    # n); None: not run. Each robust image costs `square_queries` forward passes of the file.
+    n_square: int | None = N_SQUARE
+    square_queries: int = SQUARE_QUERIES  # AutoAttack's reference; fewer is a weaker attack, and every label says so
     timing: TimingPolicy = field(default_factory=TimingPolicy)
 
     def __post_init__(self) -> None:
@@ -62,6 +73,10 @@ class BenchOptions:
             raise RapcError(f"n_eval must be at least 1, got {self.n_eval}")
         if self.n_ensemble is not None and self.n_ensemble < 1:
             raise RapcError(f"n_ensemble must be at least 1, got {self.n_ensemble}")
+        if self.n_square is not None and self.n_square < 1:
+            raise RapcError(f"n_square must be at least 1 (or skip Square), got {self.n_square}")
+        if self.square_queries < 1:
+            raise RapcError(f"Square needs at least 1 query, got {self.square_queries}")
         if self.full_judgement and (self.n_eval is not None or self.n_ensemble is not None):
             raise RapcError("the full judgement is every test image under the ensemble; give it without --n-eval and --n-ensemble")
         for name in self.backends:
@@ -130,7 +145,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
-ReplayTarget = tuple[Exported, Runner | None, str | None]  # the file, its runner, or why it cannot run
+class ReplayTarget(NamedTuple):
+    item: Exported
+    backend: str  # the bench backend that runs it: ort-cpu (ONNX files) or tensorrt (engines)
+    runner: Runner | None
+    note: str | None  # why it cannot run here
 
 
 def _replay_targets(exported: list[Exported]) -> dict[str, ReplayTarget]:
@@ -138,24 +157,46 @@ def _replay_targets(exported: list[Exported]) -> dict[str, ReplayTarget]:
     a corrupt file fails in seconds, not after the attacks."""
     targets: dict[str, ReplayTarget] = {}
     for item in exported:
-        targets[item.onnx.name] = (item, OnnxRuntimeRunner(item.onnx), None)
+        targets[item.onnx.name] = ReplayTarget(item, "ort-cpu", OnnxRuntimeRunner(item.onnx), None)
         if item.engine is not None:
             runner = TensorRTRunner(item.engine) if item.engine_note is None else None
-            targets[item.engine.name] = (item, runner, item.engine_note)
+            targets[item.engine.name] = ReplayTarget(item, "tensorrt", runner, item.engine_note)
     return targets
 
 
-def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Verdict], labels: torch.Tensor, reporter: Reporter) -> dict[str, dict]:
-    """Each target's accuracy on the adversarial images crafted on its PyTorch model."""
+def _replays(targets: dict[str, ReplayTarget], robustness: dict[str, Verdict], labels: torch.Tensor,
+             reporter: Reporter) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
+    """Each target's accuracy on the adversarial images crafted on its PyTorch model, and the same per image."""
     results: dict[str, dict] = {}
-    for key, (item, runner, note) in targets.items():
-        entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    for key, (item, backend, runner, note) in targets.items():
+        entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision, "backend": backend}
         if runner is None:
             results[key] = entry | {"not_run": note}
             continue
-        entry |= {"runtime": runner.name, "accuracy": replay(runner, robustness[item.model], labels)}
+        per_image[key] = replay_per_image(runner, robustness[item.model], labels)
+        entry |= {"runtime": runner.name, "accuracy": replay_accuracy(per_image[key])}
         results[key] = entry
         reporter.log(f"replayed on {key}: clean {entry['accuracy']['clean']:.2%}, all attacks {entry['accuracy']['all']:.2%}")
+    return results, per_image
+
+
+def _deployed(targets: dict[str, ReplayTarget], robustness: dict[str, Verdict], replayed: dict[str, dict[str, np.ndarray]],
+              images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, options: BenchOptions,
+              reporter: Reporter) -> dict[str, dict]:
+    """Each runnable target's deployed robust accuracy: replay and Square through its runtime, worst case per image."""
+    results: dict[str, dict] = {}
+    for key, (item, backend, runner, note) in targets.items():
+        entry: dict[str, Any] = {"artifact": item.artifact, "model": item.model, "precision": item.precision, "backend": backend}
+        if runner is None:
+            results[key] = entry | {"not_run": note}
+            continue
+        entry |= {"runtime": runner.runtime} | deployed(runner, key, item.precision, robustness[item.model], replayed[key], images,
+                                                        labels, protocol, options.n_square, options.square_queries)
+        results[key] = entry
+        square = entry["square"]
+        reporter.log(f"deployed on {key}: {entry['deployed']['accuracy']:.1%} (n={entry['n']})"
+                     + (f"; {square['label']} {square['accuracy']:.1%} in {square['seconds']:.0f} s" if square else ""))
     return results
 
 
@@ -204,6 +245,22 @@ def _robust_accuracy(latency: Latency, robustness: dict[str, Verdict], replays: 
     path = getattr(artifacts[latency.artifact], runs)
     entry = replays.get(path.name, {})
     return entry["accuracy"]["all"] if "accuracy" in entry else None
+
+
+def _deployed_figure(latency: Latency, artifacts: dict[str, Artifact], deployment: dict[str, dict],
+                     robustness: dict[str, Verdict]) -> dict[str, Any] | None:
+    """The robust accuracy of what this backend ran, for the plot: the deployed figure of its file
+    measured on the same runtime; for PyTorch, the white-box worst case on the same images as the
+    files' figures (all judged images when nothing was exported); None when not measured."""
+    runs = BACKENDS.get(latency.backend).runs
+    if runs == "model":
+        same = [e["pytorch"] for e in deployment.values() if e["model"] == latency.artifact and "pytorch" in e]
+        if same:
+            return same[0]
+        verdict = robustness[latency.artifact]
+        return figure(verdict.worst_case_per_image(), verdict.worst_case_label())
+    entry = deployment.get(getattr(artifacts[latency.artifact], runs).name, {})
+    return entry["deployed"] if entry.get("backend") == latency.backend and "deployed" in entry else None
 
 
 def speedups(latencies: list[Latency], models: dict[str, dict[str, Any]], artifacts: dict[str, str]) -> list[dict[str, Any]]:
@@ -267,7 +324,8 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
                           paths.judgement(name), out / "attacks" / f"{name}.safetensors", not options.full_judgement, reporter, name)
         for name, model in models.items()
     }
-    replays = _replays(targets, robustness, labels, reporter)
+    replays, replayed = _replays(targets, robustness, labels, reporter)
+    deployment = _deployed(targets, robustness, replayed, images, labels, protocol, options, reporter)
 
     latencies = measure_backends(runnable, options.batch_sizes, options.timing, reporter)
 
@@ -276,6 +334,7 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
     by_artifact = {a.name: a for a in artifacts}
     source = {a.name: a.name.split(".")[0] for a in artifacts}
     warnings = [f"{name}: {w}" for name, r in robustness.items() for w in r.warnings]
+    warnings += deployed_warnings(deployment)
     if noisy := sum(l.cv > options.timing.cv_warning for l in latencies):
         warnings.append(f"{noisy} of {len(latencies)} latency figures vary by more than {options.timing.cv_warning:.0%} "
                         "(coefficient of variation, marked ! in the latency table): a busy or throttling machine")
@@ -287,12 +346,14 @@ def bench_run(run: str | Path, options: BenchOptions = BenchOptions(), out: str 
         "robustness": {name: r.to_dict() for name, r in robustness.items()},
         "worst_case_label": robustness["dense"].worst_case_label(),
         "replay": replays,
+        "deployed": deployment,
         "exported": [{"artifact": e.artifact, "onnx": e.onnx.name, "bytes": e.onnx.stat().st_size,
                       "engine": e.engine.name if e.engine else None, "engine_note": e.engine_note} for e in exported],
         "timing": asdict(options.timing),
         "latency": [l.as_dict() | {"noisy": l.cv > options.timing.cv_warning,
                                    "robust_accuracy": _robust_accuracy(l, robustness, replays, by_artifact),
-                                   "robust_attack": robustness[l.artifact.split(".")[0]].worst_case_label()} for l in latencies],
+                                   "robust_attack": robustness[l.artifact.split(".")[0]].worst_case_label(),
+                                   "deployed": _deployed_figure(l, by_artifact, deployment, robustness)} for l in latencies],
         "speedup": speedups(latencies, figures, source),
         "skipped": skipped,
         "layers": compare_layers(layer_stats(models["dense"], example), layer_stats(models["compressed"], example)),

@@ -23,6 +23,7 @@ from rapc.errors import RapcError, require
 
 class Runner:
     name: str
+    runtime: str  # what serves the model, for labels: "PyTorch CPU", "onnxruntime CPU", "TensorRT"
     device: ClassVar[str] = "cpu"  # where ``run`` computes: "cuda" runners are timed with CUDA events
 
     def infer(self, images: np.ndarray) -> np.ndarray:
@@ -46,6 +47,7 @@ class TorchRunner(Runner):
         # On a GPU the runner holds its own copy: moving a shared module would pull it from under CPU runners.
         self.model = (model if device == "cpu" else copy.deepcopy(model)).eval().to(device)
         self.name, self.device = name, device  # type: ignore[misc]
+        self.runtime = f"PyTorch {device.upper()}"
 
     @torch.no_grad()
     def infer(self, images: np.ndarray) -> np.ndarray:
@@ -94,6 +96,7 @@ class OnnxRuntimeRunner(Runner):
         provider = self.session.get_providers()[0]
         self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"  # type: ignore[misc]
         self.name = f"onnxruntime:{provider}:{Path(path).name}"
+        self.runtime = f"onnxruntime {provider.removesuffix('ExecutionProvider')}"
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.float32)

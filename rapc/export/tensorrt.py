@@ -204,6 +204,7 @@ class TensorRTRunner(Runner):
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT)
         self.stream = torch.cuda.Stream()
         self.name = f"tensorrt:{engine.name}"
+        self.runtime = "TensorRT-RTX" if backend == "tensorrt-rtx" else "TensorRT"
 
     def infer_torch(self, images):
         """Device-to-device inference on a float32 CUDA tensor [batch, C, H, W]; returns logits on the GPU."""

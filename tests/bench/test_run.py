@@ -12,13 +12,15 @@ from rapc.errors import RapcError
 from rapc.export.artifacts import export_run
 
 QUICK = TimingPolicy(warmup=2, min_iters=10, min_seconds=0.05)
+SQUARE_QUERIES = 200  # the default is the reference 5000; a few hundred keep the module's bench under a minute
 
 
 @pytest.fixture(scope="module")
 def benched(digits_run, tmp_path_factory):
     run = shutil.copytree(digits_run, tmp_path_factory.mktemp("bench") / "run")
     export_run(run, dense=True, precisions=("fp32", "int8"), n_check=50, n_calibration=64)
-    options = BenchOptions(backends=("torch-eager", "ort-cpu", "tensorrt"), batch_sizes=(1, 8), n_eval=360, n_ensemble=200, timing=QUICK)
+    options = BenchOptions(backends=("torch-eager", "ort-cpu", "tensorrt"), batch_sizes=(1, 8), n_eval=360, n_ensemble=200,
+                           n_square=60, square_queries=SQUARE_QUERIES, timing=QUICK)
     return run, bench_run(run, options)
 
 
@@ -66,10 +68,55 @@ def test_masking_warnings_reach_the_report(benched, tmp_path, monkeypatch):
 
     flagged = "PGD-10x2 step 0.025 says 90.0% but the ensemble 60.0%: a gap of 30 points"
     monkeypatch.setattr(judge_module, "masking_warnings", lambda results, zero: [flagged])
-    again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=40, n_ensemble=10, timing=QUICK),
-                      out=tmp_path)
+    again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=40, n_ensemble=10, n_square=None,
+                                        timing=QUICK), out=tmp_path)
     assert f"dense: {flagged}" in again["warnings"] and again["robustness"]["compressed"]["warnings"] == [flagged]
     assert f"- compressed: {flagged}" in (tmp_path / "report.md").read_text()
+
+
+def test_every_exported_file_gets_deployed_robust_accuracy_with_labels_n_and_standard_errors(benched):
+    _, report = benched
+    deployed = report["deployed"]
+    assert set(deployed) == {"dense.onnx", "dense.int8.onnx", "compressed.onnx", "compressed.int8.onnx"}
+    for key, e in deployed.items():
+        assert e["backend"] == "ort-cpu" and e["runtime"] == "onnxruntime CPU" and e["n"] == 60
+        assert e["square"]["label"] == f"Square-200 on {key} (onnxruntime CPU, {e['precision']})" and e["square"]["n"] == 60
+        assert e["deployed"]["label"] == "worst case per image of replay and Square-200"
+        assert e["deployed"]["accuracy"] <= min(e["replay"]["accuracy"], e["square"]["accuracy"]) <= e["clean"]["accuracy"]
+        p = e["deployed"]["accuracy"]
+        assert e["deployed"]["stderr"] == pytest.approx((p * (1 - p) / 60) ** 0.5)
+        assert e["square"]["unresponsive"] == 0 and e["square"]["seconds"] > 0
+    for model in ("dense", "compressed"):  # the fp32 file replays its model's images exactly: the PyTorch figure is its replay's
+        fp32 = deployed[f"{model}.onnx"]
+        assert fp32["pytorch"]["accuracy"] == pytest.approx(fp32["replay"]["accuracy"], abs=1 / 60)
+        assert fp32["pytorch"]["label"].startswith("PyTorch fp32, worst case per image over FGSM step 0.1 and ensemble")
+    # Square broke images that survived the replay somewhere, or the deployed column would just repeat it
+    assert any(e["deployed"]["accuracy"] < e["replay"]["accuracy"] for e in deployed.values())
+    ort = [l for l in report["latency"] if l["backend"] == "ort-cpu"]
+    assert ort and all(l["deployed"] == deployed[f"{l['artifact']}.onnx"]["deployed"] for l in ort)
+    eager = [l for l in report["latency"] if l["backend"] == "torch-eager"]
+    assert all(l["deployed"] == deployed[f"{l['artifact']}.onnx"]["pytorch"] for l in eager)
+
+
+def test_the_deployed_table_fits_80_columns_with_a_legend_and_is_in_the_report(benched):
+    from rich.console import Console
+
+    from rapc.bench.report import tables
+
+    run, report = benched
+    (table,) = [t for t in tables(report) if t.title.startswith("Deployed robust accuracy")]
+    console = Console(width=80, record=True)
+    console.print(table.rich())
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for row in table.rows:  # nothing cut short: every row's figures appear whole
+        assert any(all(cell in line for cell in row) for line in text.splitlines()), row
+    assert "Square: Square-200 through the runtime" in " ".join(text.split())
+    md = (run / "bench" / "report.md").read_text()
+    section = md.split("## Deployed robust accuracy")[1].split("\n## ")[0]
+    assert "| artifact | runs on | clean | replay | Square | deployed | PyTorch |" in section
+    assert "| compressed.int8 | ort-cpu |" in section and "n=60: the first test images, L-inf eps 0.1" in section
+    assert "deployed: worst case per image of replay and Square, ± standard error" in section
 
 
 def test_latency_covers_every_runnable_backend_artifact_and_batch_and_lists_the_rest(benched):
@@ -106,9 +153,15 @@ def test_report_files_are_written_and_the_plots_open(benched):
 def test_bench_command_prints_tables_and_writes_the_report(benched, tmp_path):
     run, _ = benched
     result = CliRunner().invoke(main, ["bench", str(run), "--backends", "torch-eager", "--batch-sizes", "1",
-                                       "--n-eval", "40", "--n-ensemble", "20", "--min-seconds", "0.05", "--out", str(tmp_path)])
+                                       "--n-eval", "40", "--n-ensemble", "20", "--square-queries", "100", "--min-seconds", "0.05",
+                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "Accuracy on PyTorch" in result.output and "Speedup over the dense model" in result.output
+    assert "Deployed robust accuracy" in result.output and "Square-100 through the runtime" in " ".join(result.output.split())
+    skipped = CliRunner().invoke(main, ["bench", str(run), "--backends", "torch-eager", "--batch-sizes", "1", "--n-eval", "40",
+                                        "--n-ensemble", "20", "--no-square", "--min-seconds", "0.05", "--out", str(tmp_path / "b")])
+    assert skipped.exit_code == 0 and "Square: not run (--no-square)" in " ".join(skipped.output.split())
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["deployed"]["compressed.onnx"]["square"] is None
     assert "PGD-10x2 step 0.025" in result.output and "ensemble" in result.output
     assert (tmp_path / "report.md").is_file()
 
@@ -136,8 +189,9 @@ def test_attack_results_are_cached_per_plan_and_weights_and_reused(benched, tmp_
     assert (run / "bench" / "attacks" / "compressed.safetensors").is_file()
     with monkeypatch.context() as patched:
         patched.setattr("rapc.bench.run.judge", lambda *a, **k: pytest.fail("attacked again"))
-        again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, n_ensemble=200, timing=QUICK),
-                          out=run / "bench")
+        again = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=360, n_ensemble=200, n_square=None,
+                                            timing=QUICK), out=run / "bench")
     assert again["robustness"] == report["robustness"]
-    fewer = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=100, n_ensemble=200, timing=QUICK), out=tmp_path)
+    fewer = bench_run(run, BenchOptions(backends=("torch-eager",), batch_sizes=(1,), n_eval=100, n_ensemble=200, n_square=None,
+                                        timing=QUICK), out=tmp_path)
     assert fewer["n_eval"] == 100 and all(a["n"] == 100 for a in fewer["robustness"]["dense"]["attacks"])
