@@ -28,8 +28,8 @@ class Table:
             if i < self.label_columns:  # names are never cut short; long figure headers (attack labels) wrap instead
                 width = max(len(str(text)) for text in (header, *(row[i] for row in self.rows)))
                 out.add_column(header, justify="left", no_wrap=True, min_width=width)
-            else:
-                out.add_column(header, justify="right")
+            else:  # a one-word header cannot wrap: give it its width rather than an ellipsis
+                out.add_column(header, justify="right", min_width=None if " " in header else len(header))
         for row in self.rows:
             out.add_row(*row)
         return out

@@ -59,19 +59,24 @@ def _accuracy(report: dict[str, Any]) -> Table:
 
 
 def _replay(report: dict[str, Any]) -> Table | None:
+    """Each file's accuracy on the PyTorch model's adversarial images: short columns named by attack,
+    so that it fits a terminal; each attack's label and n, and the largest standard error, in the legend."""
     if not report["replay"]:
         return None
     attacks = report["robustness"]["dense"]["attacks"]
-    headers = [f"{a['label']} (n={a['n']})" if a["name"] != "clean" else "clean" for a in attacks]
-    rows = []
+    n_all = min(a["n"] for a in attacks)
+    rows, errors = [], [0.0]
     for key, entry in report["replay"].items():
         if "accuracy" in entry:
-            rows.append((key, entry["runtime"].split(":")[0], *(_with_error_of(entry["accuracy"].get(a["name"]), a["n"]) for a in attacks),
-                         _with_error_of(entry["accuracy"]["all"], min(a["n"] for a in attacks))))
+            figures = [(entry["accuracy"].get(a["name"]), a["n"]) for a in attacks] + [(entry["accuracy"]["all"], n_all)]
+            rows.append((key, entry.get("backend", entry["runtime"].split(":")[0]), *(_pct(p) for p, _ in figures)))
+            errors += [math.sqrt(p * (1 - p) / n) for p, n in figures if p is not None and n]
         else:
             rows.append((key, f"not run: {entry['not_run']}", *("" for _ in attacks), ""))
-    return Table("The PyTorch adversarial images replayed on each exported artifact", ("artifact", "runtime", *headers, "all (worst case)"), rows,
-                 label_columns=2)
+    legend = "; ".join(f"{a['name']}: {a['label']}, n={a['n']}" for a in attacks if a["name"] != "clean")
+    legend += f"; all: the worst case per image over every attack. Standard errors at most {max(errors):.1%}."
+    return Table("The PyTorch adversarial images replayed on each exported artifact",
+                 ("artifact", "runs on", *(a["name"] for a in attacks), "all"), rows, label_columns=2, legend=legend)
 
 
 def _deployed(report: dict[str, Any]) -> Table | None:

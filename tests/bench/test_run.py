@@ -56,7 +56,8 @@ def test_the_quick_level_judges_with_the_ensemble_and_labels_every_figure(benche
         assert f"| {name} | {label} | {n} |" in accuracy
     assert " ± " in accuracy
     replayed = md.split("## The PyTorch adversarial images replayed")[1].split("##")[0]
-    assert "| PGD-10x2 step 0.025 (n=360) |" in replayed and "(100 steps, 9 targets) (n=200) |" in replayed
+    assert "| artifact | runs on | clean | fgsm | pgd | ensemble | all |" in replayed
+    assert "pgd: PGD-10x2 step 0.025, n=360" in replayed and "(100 steps, 9 targets), n=200" in replayed
     assert "PGD acc" not in md
 
 
@@ -98,20 +99,30 @@ def test_every_exported_file_gets_deployed_robust_accuracy_with_labels_n_and_sta
     assert all(l["deployed"] == deployed[f"{l['artifact']}.onnx"]["pytorch"] for l in eager)
 
 
-def test_the_deployed_table_fits_80_columns_with_a_legend_and_is_in_the_report(benched):
+def _in_80_columns(table) -> str:
+    """The table as an 80-column terminal shows it, checked to fit with every row whole."""
     from rich.console import Console
 
-    from rapc.bench.report import tables
-
-    run, report = benched
-    (table,) = [t for t in tables(report) if t.title.startswith("Deployed robust accuracy")]
     console = Console(width=80, record=True)
     console.print(table.rich())
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     for row in table.rows:  # nothing cut short: every row's figures appear whole
         assert any(all(cell in line for cell in row) for line in text.splitlines()), row
-    assert "Square: Square-200 through the runtime" in " ".join(text.split())
+    assert "…" not in text  # no header cut short either
+    return " ".join(text.split())
+
+
+def test_the_deployed_and_replay_tables_fit_80_columns_with_a_legend_and_are_in_the_report(benched):
+    from rapc.bench.report import tables
+
+    run, report = benched
+    (table,) = [t for t in tables(report) if t.title.startswith("Deployed robust accuracy")]
+    assert "Square: Square-200 through the runtime" in _in_80_columns(table)
+    (replayed,) = [t for t in tables(report) if t.title.startswith("The PyTorch adversarial images replayed")]
+    legend = _in_80_columns(replayed)
+    for attack in report["robustness"]["dense"]["attacks"][1:]:  # each short column named with its attack's label and n
+        assert f"{attack['name']}: {attack['label']}, n={attack['n']}" in legend
     md = (run / "bench" / "report.md").read_text()
     section = md.split("## Deployed robust accuracy")[1].split("\n## ")[0]
     assert "| artifact | runs on | clean | replay | Square | deployed | PyTorch |" in section
@@ -140,7 +151,7 @@ def test_report_files_are_written_and_the_plots_open(benched):
     assert json.loads((out / "bench.json").read_text())["replay"] == report["replay"]
     md = (out / "report.md").read_text()
     for heading in ("## Accuracy on PyTorch", "## The PyTorch adversarial images replayed", "## Speedup over the dense model",
-                    "## Latency", "## Per layer", "## Skipped backends", "| compressed.int8.onnx | onnxruntime |"):
+                    "## Latency", "## Per layer", "## Skipped backends", "| compressed.int8.onnx | ort-cpu |"):
         assert heading in md
     for name in ("robust_vs_latency.png", "layers.png"):
         image = matplotlib.image.imread(out / name)
