@@ -47,10 +47,16 @@ def _report(model: nn.Module, name: str, run: RunDir, test: DataLoader, cfg: Con
     (``RunPaths.judgement``), so that bench replays it rather than attacking again. The
     protocol records the loader's batch size: PGD draws its random starts per batch."""
     protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_ensemble, seed=cfg.seed, batch=test.batch_size)
-    verdict = judge.judge_loader(model, test, protocol, reporter=reporter, title=name, keep_images=True)
     weights = run.models()[name] / WEIGHTS
-    labels = torch.cat([y for _, y in test])
-    judgement.save(run.judgement(name), verdict, weights, labels, next(model.parameters()).device)
+    images, labels = (torch.cat(parts) for parts in zip(*test))
+    saved = judgement.load(run.judgement(name), images)
+    if saved is not None and saved.covers(protocol, judgement.file_digest(weights), images, labels) and saved.is_all_of(protocol, len(labels)):
+        # A run interrupted during the final judge (two thirds of the default run) keeps what it had judged.
+        reporter.log(f"{name}: reused the judgement this run saved before it was interrupted ({saved.describe()})")
+        verdict = saved.verdict
+    else:
+        verdict = judge.judge_loader(model, test, protocol, reporter=reporter, title=name, keep_images=True)
+        judgement.save(run.judgement(name), verdict, weights, labels, next(model.parameters()).device)
     return summary(model, example) | {
         "file_bytes": weights.stat().st_size, "clean": verdict.clean.accuracy, "pgd": verdict["pgd"].accuracy,
         "robust": verdict.robust.accuracy, "judge": verdict.to_dict(),

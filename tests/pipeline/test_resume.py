@@ -293,6 +293,27 @@ def test_resuming_a_finished_run_re_reports_it_without_training(reference):
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_killed_in_its_final_judge_resumes_without_judging_again_what_it_had_judged(reference, tmp_path, monkeypatch):
+    """Killed while judging the compressed model: the dense model's saved judgement is reused, bit for bit."""
+    import shutil
+
+    from rapc import judge
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "summary.json").unlink()
+    (out / "judgement" / "compressed.safetensors").unlink()
+    judged, judge_loader = [], judge.judge_loader
+    monkeypatch.setattr(judge, "judge_loader", lambda *a, **k: judged.append(k["title"]) or judge_loader(*a, **k))
+    result = CliRunner().invoke(main, ["compress", "--resume", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert judged == ["compressed"] and "dense: reused the judgement this run saved before it was interrupted" in result.stderr
+    summary, expected = (json.loads((run / "summary.json").read_text()) for run in (out, reference))
+    assert summary["dense"]["judge"] == expected["dense"]["judge"]  # the saved verdict itself, its seconds too
+    figures = [[(a["label"], a["n"], a["accuracy"]) for a in run["compressed"]["judge"]["attacks"]] for run in (summary, expected)]
+    assert figures[0] == figures[1]  # judged again: the same figures, the judge being seeded
+
+
 def test_a_diverging_loss_stops_with_a_one_line_error_and_keeps_the_good_checkpoints(tmp_path):
     out = tmp_path / "run"
     proc = _run("compress", *ARGS, "--set", "stages.admm.optimizer.lr=1e6", "--out", str(out))
