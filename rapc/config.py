@@ -279,6 +279,10 @@ class PruningConfig(Strict):
         "layer's adversarial-loss rise when pruned alone (measured worse under the ensemble on digits and mnist5k: README)")
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     nm: tuple[PositiveInt, PositiveInt] = (2, 4)
+    round_to: PositiveInt = Field(
+        1, description="every pruned channel group keeps a multiple of N channels (the kept count rounded up, never "
+        "past the group's width), as torch-pruning's round_to: the projection chooses them, so ADMM, the masks, the "
+        "shrink and a target's budget all see the rounded widths (filter and channel schemes)")
     layers: list[LayerRule] = Field(default_factory=list, description="overrides; the last matching rule wins")
     keep_dense: list[str] = Field(default_factory=list, description="globs of layers never pruned")
 
@@ -307,7 +311,12 @@ class AdmmConfig(Strict):
 
 
 class ShrinkConfig(Strict):
-    round_to: PositiveInt = 1
+    # The shrink's own safety net, kept beside pruning.round_to: it can only keep zero channels (the
+    # projection already chose which go), so it is for widths the projection does not count: channels a
+    # column or irregular scheme happens to empty, or a model pruned elsewhere. Old runs' configs hold it.
+    round_to: PositiveInt = Field(
+        1, description="keep zero channels so that shrunk widths are multiples of N; prefer pruning.round_to, which "
+        "keeps a multiple of N of the best channels instead of zeros")
     tolerance: Annotated[float, Field(gt=0.0)] = 1e-4
 
 
@@ -342,7 +351,8 @@ def describe(cfg: Config) -> str:
     width = "" if ":" in cfg.model.name else f" (w={cfg.model.width})"  # a user factory takes no width
     target = cfg.pruning.target
     budget = f"to {target.fraction:g} of the dense model's {target.metric}" if target else f"at ratio {cfg.pruning.ratio:g}"
-    return f"{cfg.model.name}{width} on {cfg.data.name}, {cfg.pruning.scheme} pruning {budget}"
+    rounding = f", groups kept in multiples of {cfg.pruning.round_to} channels" if cfg.pruning.round_to > 1 else ""
+    return f"{cfg.model.name}{width} on {cfg.data.name}, {cfg.pruning.scheme} pruning {budget}{rounding}"
 
 
 def presets() -> list[str]:

@@ -144,3 +144,44 @@ def test_time_to_robustness_averages_seeds_and_says_how_much_faster_a_recipe_rea
     assert script.aggregate(points[:1])[0]["ensemble"]["spread"] == 0.03  # one seed: the judge's standard error
     line = script.reach_line(list(rows.values()))
     assert "(58.0% in 630 s)" in line and "carry-1 x1 in 210 s (3.00x fewer seconds)" in line and "free-2 did not" in line
+
+
+def test_round_to_latency_times_each_round_to_at_one_mac_budget(tmp_path):
+    out = tmp_path / "round_to.json"
+    done = subprocess.run([sys.executable, "benchmarks/round_to_latency.py", "--round-to", "1,8", "--resnet-width", "0", "--batch-sizes", "1",
+                           "--repeats", "1", "--warmup", "1", "--min-iters", "2", "--min-seconds", "0", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "random weights" in done.stdout and "round_to=1 / this" in done.stdout
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"][0]["rows"]}
+    assert set(rows) == {"dense", "round_to=1", "round_to=8"}
+    kept = [int(w.split("/")[0]) for w in rows["round_to=8"]["widths"].split()]
+    assert kept and all(k % 8 == 0 for k in kept) and any(int(w.split("/")[0]) % 8 for w in rows["round_to=1"]["widths"].split())
+    for name in ("round_to=1", "round_to=8"):  # the same MAC budget, met
+        assert rows[name]["budget_met"] and abs(rows[name]["mac_fraction"] / 0.26 - 1) <= 0.02
+    assert all(p > 0 for r in rows.values() for p in r["p50_ms"])
+
+
+def test_ort_batch1_measures_each_variant_against_before_on_both_models(tmp_path):
+    out = tmp_path / "ort.json"
+    done = subprocess.run([sys.executable, "benchmarks/ort_batch1.py", "--variants", "relu-first,rapc", "--batch-sizes", "1",
+                           "--repeats", "2", "--warmup", "1", "--min-iters", "2", "--min-seconds", "0", "--pause", "0", "--threads", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert 3.7 < figures["mac_ratio"] < 3.9  # the default preset's compressed LeNet
+    rows = {r["variant"]: r for r in figures["results"]}
+    assert set(rows) == {"before", "relu-first", "rapc"} and set(rows["before"]["effect_compressed"]) == {1.0}
+    for name in ("relu-first", "rapc"):  # two windows each, every one paired with before's timings of it
+        assert len(rows[name]["speedup"]) == len(rows[name]["effect_compressed"]) == 2 and min(rows[name]["speedup"]) > 0
+    assert len(rows["before"]["speedup"]) == 4
+
+
+@pytest.mark.parametrize("script", ["round_to_latency", "ort_batch1"])
+def test_every_command_of_the_latency_scripts_in_the_benchmark_readme_is_valid(script):
+    module = _load_script(script)
+    text = (ROOT / "benchmarks" / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(m) for m in re.findall(rf"benchmarks/{script}\.py([^\n`]*)", text)]
+    assert commands, f"benchmarks/README.md gives no {script}.py command"
+    for argv in commands:
+        module.parse_args(argv)  # argparse exits on an unknown or malformed option

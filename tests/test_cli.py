@@ -169,3 +169,26 @@ def test_help_explains_every_option():
     sub = _run("compress", "--help")
     for option in ("--config", "--set", "--out", "mnist-lenet-filter", "KEY=VALUE"):
         assert option in sub.stdout
+
+
+def test_a_target_run_with_round_to_meets_the_budget_in_multiples_of_n_and_says_so(tmp_path):
+    """`rapc compress --target` with pruning.round_to: every group of the saved model keeps a multiple of 4 channels
+    (digits LeNet w=4: conv1 8, conv2 16, fc1 256), the MAC budget is met on the final models, and the summary and
+    the output say the rounding."""
+    out = tmp_path / "run"
+    short = ["stages.pretrain.epochs=2", "stages.admm.epochs=1", "stages.retrain.epochs=1", "stages.dense_control=false",
+             "eval.n_val=100", "eval.n_test=100", "eval.n_ensemble=10", "pruning.round_to=4"]
+    result = CliRunner().invoke(main, ["compress", "-c", "digits-lenet-filter", "--target", "macs=0.3", "--out", str(out),
+                                       *(arg for s in short for arg in ("--set", s))])
+    assert result.exit_code == 0, result.output[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    budget = summary["budget"]
+    assert budget["round_to"] == 4 and budget["metric"] == "macs" and abs(budget["achieved"] / 0.3 - 1) <= 0.02, budget
+    assert budget["achieved"] == summary["compressed"]["macs"] / summary["dense"]["macs"]
+    model = load_model(out)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(m.weight.shape[0] % 4 == 0 for m in layers[:-1]) and layers[-1].weight.shape[0] == 10
+    assert [m.weight.shape[0] for m in layers[:-1]] != [8, 16, 256]  # pruned, not left dense
+    (note,) = [n for n in summary["notes"] if n.startswith("pruning.round_to=4")]
+    printed = " ".join(result.output.split())  # rich wraps long lines at the terminal's width
+    assert f"note: {note}" in printed and "groups kept in multiples of 4 channels" in printed

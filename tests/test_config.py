@@ -5,6 +5,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rapc.config import dump_config, load_config, presets
 from rapc.errors import RapcError
@@ -42,6 +43,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("pruning.colour=3", "pruning.colour: unknown key"),
         ("stages.admm.epochs=many", "stages.admm.epochs"),
         ("pruning.nm=[4, 4]", "N must be smaller than M"),
+        ("pruning.round_to=0", "pruning.round_to"),
+        ("pruning.round_to=eight", "pruning.round_to"),
         ("data=3", "data"),
         ("novalue", "expected KEY=VALUE"),
     ],
@@ -72,6 +75,18 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(str(path)) == cfg
+
+
+def test_a_run_config_from_before_pruning_round_to_loads_with_its_shrink_round_to_unchanged(tmp_path):
+    """Old runs' config.yaml hold shrink.round_to (every one: the resolved config writes it); it keeps its meaning."""
+    cfg = load_config("mnist-lenet-filter")
+    old = yaml.safe_load(dump_config(cfg))
+    del old["pruning"]["round_to"]
+    old["shrink"]["round_to"] = 8
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    loaded = load_config(str(path))
+    assert loaded.shrink.round_to == 8 and loaded.pruning.round_to == 1
 
 
 def test_presets_ship_inside_a_plain_wheel(tmp_path):

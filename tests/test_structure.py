@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md, read from the source: cli -> study -> bench -> export /
+"""The layer rule of docs/architecture.md, read from the source: cli -> study -> bench -> export /
 pipeline -> core. A helper that a lower layer needs lives in that layer or below it."""
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ class Allocation:
     sensitivity: Sensitivity | None = None
     evaluations: int = 0  # shrunk models measured to solve it
     seconds: float = 0.0
+    round_to: int = 1  # pruning.round_to the widths were solved with (1 in an allocation.json from before it)
 
     @property
     def met(self) -> bool:
@@ -138,6 +139,8 @@ class Allocation:
                 row += tuple(f"{v:.3f}" for v in sens.rise[u.name]) if u.name in sens.rise else ("-",) * len(sens.ratios)
             rows.append(row)
         title = f"Allocation: {self.achieved:.3f} of the dense {self.metric} (target {self.target:.3f}), {self.method}"
+        if self.round_to > 1:
+            title += f", groups kept in multiples of {self.round_to} channels"
         return Table(title, headers, rows)
 
     def markdown(self) -> str:
@@ -196,15 +199,16 @@ def _bisect(costs: _Costs, state: dict[str, float], unit: Unit, lo: float, hi: f
 
     if costs(at(lo)) <= goal:
         return at(lo)
-    if unit.size is not None:  # over whole channels: exact, and no shrink is spent twice on one width
-        few, many = unit.kept(hi), unit.kept(lo)
+    if unit.size is not None:  # over the widths it can keep: exact, and no shrink is spent twice on one width
+        widths = [w for w in unit.widths if unit.kept(hi) <= w <= unit.kept(lo)]
+        few, many = 0, len(widths) - 1
         while many - few > 1:
             mid = (few + many) // 2
-            if costs(at(unit.ratio_keeping(mid))) <= goal:
+            if costs(at(unit.ratio_keeping(widths[mid]))) <= goal:
                 few = mid
             else:
                 many = mid
-        return at(unit.ratio_keeping(few))
+        return at(unit.ratio_keeping(widths[few]))
     for _ in range(12):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if costs(at(mid)) <= goal else (mid, hi)
@@ -233,7 +237,7 @@ def _fill(costs: _Costs, state: dict[str, float], free: list[Unit], shares: dict
 
 
 SWAP_UNITS = 6  # the finest-grained units a swap search trades channels between
-SWAP_STEPS = 4  # channels given back to one unit per trade, at most
+SWAP_STEPS = 4  # widths (channels, or steps of pruning.round_to) given back to one unit per trade, at most
 SWAP_ROUNDS = 4
 
 
@@ -251,8 +255,8 @@ def _swap(costs: _Costs, state: dict[str, float], free: list[Unit], shares: dict
         candidates = []
         for give in grained:
             kept = give.kept(state[give.name])
-            for more in range(1, min(SWAP_STEPS, give.size - kept) + 1):
-                back = {**state, give.name: give.ratio_keeping(kept + more)}
+            for wider in [w for w in give.widths if w > kept][:SWAP_STEPS]:
+                back = {**state, give.name: give.ratio_keeping(wider)}
                 if costs(back) <= goal:
                     candidates.append(back)
                     continue
@@ -280,7 +284,7 @@ def _uniform(costs: _Costs, base: dict[str, float], free: list[Unit], goal: floa
             low, high = (low, mid) if costs(at(mid)) <= goal else (mid, high)
         neat = min(math.ceil(high * 1e4) / 1e4, max(u.most for u in free))  # pruning a little more stays within the goal
         return at(neat) if costs(at(neat)) <= goal else at(high)
-    ratios = sorted({u.ratio_keeping(k) for u in groups for k in range(1, u.size + 1)})
+    ratios = sorted({u.ratio_keeping(k) for u in groups for k in u.widths})
     lo, hi = 0, len(ratios) - 1  # cost at ratios[0] = 0 is over the goal, at the last within it: checked by the caller
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -361,10 +365,12 @@ def _unreachable(nearest: float, target: float, metric: str, model: nn.Module, p
         if u.size is None:
             per_layer.setdefault(plans[u.layers[0]].scheme, []).append(u.name)
     kept += [f"the {scheme} scheme's zeros mostly stay in the shrunk model ({', '.join(names)})" for scheme, names in per_layer.items()]
+    if pruning.round_to > 1:
+        kept.append(f"pruning.round_to={pruning.round_to} keeps at least {pruning.round_to} channels of every group")
     if shrink_cfg.round_to > 1:
         kept.append(f"shrink.round_to={shrink_cfg.round_to} keeps widths multiples of {shrink_cfg.round_to}")
     return (f"target {target:.3f} of the dense {metric} is out of reach; the nearest is {nearest:.3f}, with every allocated "
-            f"unit pruned as far as it goes (one channel kept per coupled group). What stays: {'; '.join(kept) or 'nothing else'}")
+            f"unit pruned as far as it goes (one channel, or pruning.round_to, kept per coupled group). What stays: {'; '.join(kept) or 'nothing else'}")
 
 
 def allocate(
@@ -410,14 +416,15 @@ def allocate(
         if method == "sensitivity":  # uniform keeps its one ratio (the fill may move one unit off it)
             state = _swap(costs, state, free, shares, goal)
         if costs(state) < goal * (1 - TOLERANCE):
-            reason = (f"the cost moves in steps of whole channels here: the nearest at or under the target {target:.3f} "
+            step = f"{pruning.round_to} channels (pruning.round_to)" if pruning.round_to > 1 else "whole channels"
+            reason = (f"the cost moves in steps of {step} here: the nearest at or under the target {target:.3f} "
                       f"keeps {costs(state) / costs.dense:.3f} of the dense {metric}")
     choices = [UnitChoice(u.name, list(u.layers), state[u.name], u.size, u.kept(state[u.name]) if u.size else None,
                           None if u.fixed is not None else shares[u.name], u.fixed is not None) for u in units]
     allocation = Allocation(
         metric, target, costs(state) / costs.dense, costs.dense, costs(state), method,
         {layer: state[u.name] for u in units for layer in u.layers}, choices, reason, sensitivity,
-        costs.evaluations, time.perf_counter() - started,
+        costs.evaluations, time.perf_counter() - started, pruning.round_to,
     )
     reporter.log(f"allocation: {allocation.achieved:.3f} of the dense {metric} (target {target:.3f}), {method}, "
                  f"{allocation.evaluations} shrunk models in {allocation.seconds:.1f}s")

@@ -80,5 +80,5 @@ def budget_report(allocation: Allocation, dense: dict, compressed: dict) -> dict
     metric = allocation.metric
     achieved = compressed[metric] / dense[metric] if metric in ("macs", "params") else allocation.achieved
     return {"metric": metric, "target": allocation.target, "achieved": achieved, "method": allocation.method,
-            "reason": allocation.reason, "ratios": allocation.ratios,
+            "reason": allocation.reason, "ratios": allocation.ratios, "round_to": allocation.round_to,
             "measured": "on the final models" if metric in ("macs", "params") else "by the allocator before training"}

@@ -21,7 +21,7 @@ from rapc.config import PruningConfig
 from rapc.errors import RapcError
 from rapc.graph import PRUNABLE, build_graph
 from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, check_supported, output_layers
-from rapc.pipeline.schemes import SCHEMES, Unfit, top_mask
+from rapc.pipeline.schemes import SCHEMES, Unfit, n_keep, top_mask
 
 Masks = dict[str, torch.Tensor]
 
@@ -83,10 +83,15 @@ class GroupUnit:
     slots: tuple[Slot, ...]
     attached: tuple[Slot, ...]
     ratio: float
+    round_to: int = 1  # the kept count is a multiple of it (pruning.round_to)
+
+    @property
+    def kept(self) -> int:
+        return n_keep(self.group.size, self.ratio, self.round_to)
 
     def masks(self, weights: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Masks:
         scores = sum(s.gather(weights[s.param], self.group.size) for s in self.slots)
-        keep = top_mask(scores, self.ratio)
+        keep = top_mask(scores, self.ratio, self.round_to)
         out = {s.param: s.expand(keep, weights[s.param]) for s in self.slots}
         if params is not None:
             out.update({a.param: a.expand(keep, params[a.param]) for a in self.attached})
@@ -126,8 +131,10 @@ class Projector:
                 attached = tuple(a for a in group.attached if side == "out" and (a.owner in layers or (a.owner is None and whole)))
                 ratio = min(self.plans[n].ratio for n in layers)
                 if round((1.0 - ratio) * group.size) < 1:
-                    self.notes.append(f"{', '.join(sorted(layers))}: ratio {ratio:g} would prune all {group.size} channels; 1 is kept")
-                self.units.append(GroupUnit(group, members, attached, ratio))
+                    kept = n_keep(group.size, ratio, cfg.round_to)
+                    self.notes.append(f"{', '.join(sorted(layers))}: ratio {ratio:g} would prune all {group.size} channels; {kept} "
+                                      f"{'is' if kept == 1 else 'are'} kept")
+                self.units.append(GroupUnit(group, members, attached, ratio, cfg.round_to))
                 grouped |= {f"{n}/{side}" for n in layers}
         for name, plan in self.plans.items():
             side = channels(plan.scheme)
@@ -145,6 +152,21 @@ class Projector:
             if side == "in":
                 self.notes.append(f"{name}: input channels come from the network input; zeroed, not removable")
             self.units.append(LayerUnit(f"{name}.weight", plan.scheme, plan.ratio, options))
+        if cfg.round_to > 1:
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+            self.notes.append(self._rounding(cfg.round_to, order))
+
+    def _rounding(self, round_to: int, order: dict[str, int]) -> str:
+        """What pruning.round_to made of each channel group, in model order: for the summary and the compress output."""
+        widths = []
+        for unit in (u for u in self.units if isinstance(u, GroupUnit)):
+            layers = sorted({s.layer for s in unit.slots}, key=order.__getitem__)
+            asked = n_keep(unit.group.size, unit.ratio)
+            widths.append((order[layers[0]], f"{'+'.join(layers)} {unit.kept}/{unit.group.size}"
+                           + (f" (the ratio alone: {asked})" if unit.kept != asked else "")))
+        listed = ", ".join(text for _, text in sorted(widths)) or "no channel group is pruned"
+        return (f"pruning.round_to={round_to}: every pruned channel group keeps a multiple of {round_to} channels "
+                f"(rounded up, at most the group's width); kept/channels: {listed}")
 
     def _channels(self, layer: str) -> str | None:
         plan = self.plans.get(layer)

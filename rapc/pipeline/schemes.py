@@ -12,6 +12,7 @@ it besides the function is given at registration (see SCHEMES), never tested by 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,15 +36,24 @@ class Unfit(ValueError):
     leaves that layer dense and says why."""
 
 
-def n_keep(n: int, ratio: float) -> int:
-    return min(n, max(1, int(round((1.0 - ratio) * n))))
+def n_keep(n: int, ratio: float, round_to: int = 1) -> int:
+    """Units kept of ``n`` at ``ratio``: at least one, and with ``round_to`` rounded up to a multiple of it,
+    never more than ``n`` (as torch-pruning's round_to: channel counts that runtimes' kernels tile well).
+    Up, not down: rounding never prunes more than the ratio asks, and never a whole layer."""
+    kept = min(n, max(1, int(round((1.0 - ratio) * n))))
+    return min(n, math.ceil(kept / round_to) * round_to)
 
 
-def top_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Boolean mask of the n_keep(len, ratio) largest scores (ties broken by position)."""
+def widths(n: int, round_to: int = 1) -> list[int]:
+    """Every count n_keep can give for ``n`` units, ascending: the multiples of round_to up to n, and n."""
+    return sorted({*range(round_to, n + 1, round_to), n})
+
+
+def top_mask(scores: torch.Tensor, ratio: float, round_to: int = 1) -> torch.Tensor:
+    """Boolean mask of the n_keep(len, ratio, round_to) largest scores (ties broken by position)."""
     order = torch.sort(scores, descending=True, stable=True).indices
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[: n_keep(scores.numel(), ratio)]] = True
+    keep[order[: n_keep(scores.numel(), ratio, round_to)]] = True
     return keep
 
 

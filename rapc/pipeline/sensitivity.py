@@ -21,6 +21,7 @@ from rapc.config import AttackConfig, PruningConfig
 from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.projection import GroupUnit, LayerUnit, Projector, layer_plans
 from rapc.pipeline.schemes import n_keep
+from rapc.pipeline.schemes import widths as group_widths
 from rapc.progress import Reporter, SilentReporter
 
 # How far a unit pruned per layer (irregular, column, nm, or channels of the network input) is taken.
@@ -43,19 +44,29 @@ class Unit:
         return self.projection.group.size if isinstance(self.projection, GroupUnit) else None
 
     @property
+    def round_to(self) -> int:
+        return self.projection.round_to if isinstance(self.projection, GroupUnit) else 1
+
+    @property
+    def widths(self) -> list[int]:
+        """The channel counts the group can keep, ascending (multiples of pruning.round_to, and all of it)."""
+        assert self.size is not None
+        return group_widths(self.size, self.round_to)
+
+    @property
     def most(self) -> float:
-        """The largest ratio that still changes something: one channel of a group kept."""
-        return self.ratio_keeping(1) if self.size is not None else LAYER_MOST
+        """The largest ratio that still changes something: the fewest channels of a group kept (one, or round_to)."""
+        return self.ratio_keeping(self.widths[0]) if self.size is not None else LAYER_MOST
 
     def kept(self, ratio: float) -> float:
         """What a ratio keeps: channels of a group (exact, so equal ratios are recognised), else the ratio itself."""
-        return n_keep(self.size, ratio) if self.size is not None else round(ratio, 9)
+        return n_keep(self.size, ratio, self.round_to) if self.size is not None else round(ratio, 9)
 
     def ratio_keeping(self, channels: int) -> float:
-        """The ratio that keeps exactly ``channels`` of the group, as a short decimal where one is exact enough."""
-        assert self.size is not None
+        """The ratio that keeps exactly ``channels`` of the group (one of ``widths``), as a short decimal where one is exact enough."""
+        assert self.size is not None and channels in self.widths, (channels, self.widths)
         ratio = round(1.0 - channels / self.size, 6)
-        return ratio if n_keep(self.size, ratio) == channels else 1.0 - channels / self.size
+        return ratio if self.kept(ratio) == channels else 1.0 - channels / self.size
 
     def at(self, ratio: float) -> GroupUnit | LayerUnit:
         return replace(self.projection, ratio=ratio)

@@ -56,7 +56,10 @@ def dead_channels(group: ChannelGroup, params: dict[str, torch.Tensor]) -> tuple
 
 
 def _rounded(dead: torch.Tensor, round_to: int) -> torch.Tensor:
-    """Drop dead channels only so far that the kept width is a multiple of round_to (and at least one)."""
+    """Drop dead channels only so far that the kept width is a multiple of round_to (and at least one).
+
+    shrink.round_to, the safety net: it can only keep zeros. pruning.round_to has the projection keep a
+    multiple of the best channels instead, so its widths arrive here already rounded."""
     size = dead.numel()
     keep = max(1, min(size, math.ceil((size - int(dead.sum())) / round_to) * round_to))
     idxs = dead.nonzero().squeeze(1)[: size - keep]
@@ -83,7 +86,7 @@ def shrink(model: nn.Module, batch: torch.Tensor, cfg: ShrinkConfig) -> ShrinkRe
         notes += group_notes
         idxs = _rounded(dead, cfg.round_to)
         if int(dead.sum()) > len(idxs):
-            notes.append(f"{group.root_layer} group: {int(dead.sum()) - len(idxs)} zero channels kept for round_to={cfg.round_to}")
+            notes.append(f"{group.root_layer} group: {int(dead.sum()) - len(idxs)} zero channels kept for shrink.round_to={cfg.round_to}")
         if len(idxs):
             plan.append((group.root_layer, idxs.tolist()))
     for root, idxs in plan:

@@ -149,3 +149,46 @@ def test_out_option_writes_elsewhere_and_a_run_without_model_is_an_error(digits_
     shutil.rmtree(run / "compressed")
     with pytest.raises(RapcError, match=r"run/compressed does not exist"):
         export_run(run, n_check=20)
+
+
+def _weights_by_op(path: Path) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes of the initializers each Conv, Gemm and MatMul node reads, by op type."""
+    graph = onnx.load(str(path)).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    found: dict[str, list[tuple[int, ...]]] = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            found.setdefault(node.op_type, []).extend(shapes[i] for i in node.input if i in shapes and len(shapes[i]) > 1)
+    return found
+
+
+@pytest.mark.parametrize("name, width, size, channels", [("lenet", 8, 28, 1), ("resnet18", 4, 16, 3)])
+def test_pruning_round_to_reaches_the_exported_files_conv_and_gemm_shapes(name, width, size, channels, tmp_path):
+    """A multiple of 8 channels chosen by the projection survives the shrink, BatchNorm folding and the export."""
+    from rapc.config import PruningConfig, ShrinkConfig
+    from rapc.models import create_model
+    from rapc.pipeline.masks import hard_prune
+    from rapc.pipeline.projection import Projector
+    from rapc.pipeline.shrink import shrink
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=channels, image_size=size, width=width,
+                         mean=[0.5] * channels, std=[0.25] * channels).eval()
+    batch = torch.rand(4, channels, size, size)
+    hard_prune(model, Projector(model, batch, PruningConfig(scheme="filter", ratio=0.7, round_to=8)))
+    shrunk = shrink(model, batch, ShrinkConfig()).model
+    path = export_onnx(shrunk, [channels, size, size], tmp_path / f"{name}.onnx")
+    found = _weights_by_op(path)
+    convs = found["Conv"]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in shrunk.modules())
+    for out, inputs, *_ in convs:
+        assert out % 8 == 0 and (inputs % 8 == 0 or inputs == channels), convs
+    fully_connected = sorted(tuple(sorted(s)) for s in found.get("Gemm", []) + found.get("MatMul", []))
+    if name == "lenet":  # conv1 16 -> 8 (ratio alone: 5), conv2 32 -> 16 (10), fc1 512 -> 160 (154); fc2 keeps its 10 classes
+        assert sorted(convs) == [(8, 1, 5, 5), (16, 8, 5, 5)]
+        assert fully_connected == [(10, 160), (160, 16 * 7 * 7)]
+    else:
+        assert all(min(s) == 10 and max(s) % 8 == 0 for s in fully_connected), fully_connected
+    images = torch.rand(3, channels, size, size).numpy()
+    np.testing.assert_allclose(OnnxRuntimeRunner(path).infer(images), TorchRunner(shrunk).infer(images), atol=1e-4, rtol=1e-4)
+

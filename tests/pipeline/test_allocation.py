@@ -153,6 +153,34 @@ def test_sensitivity_allocation_meets_the_target_with_other_ratios_than_uniform(
     assert losses["sensitivity"] <= losses["uniform"] + 0.05, losses
 
 
+@pytest.mark.parametrize("method", ["uniform", "sensitivity"])
+def test_round_to_allocations_keep_multiples_of_n_and_meet_the_target_through_the_pipelines_path(method, robust_lenet, train_batch):
+    """LeNet w=16 (conv1 32, conv2 64, fc1 1024 channels) in steps of 8 channels: the solve steps through the
+    widths the projector can keep, and its cost is what the projector, hard prune and shrink then make."""
+    x, y = train_batch
+    example = x[:2]
+    cost = metric_cost("macs", example)
+    pruning = _pruning("filter", "macs", 0.4, allocation=method, round_to=8)
+    sens = sensitivity(robust_lenet, example, pruning, x, y, ATTACK) if method == "sensitivity" else None
+    allocation = allocate(robust_lenet, example, pruning, ShrinkConfig(), cost, sens)
+    assert allocation.met and allocation.achieved <= 0.4 and allocation.reason is None, allocation.achieved
+    assert allocation.round_to == 8 and "multiples of 8 channels" in allocation.table().title
+    assert all(u.kept % 8 == 0 and u.kept < u.channels for u in allocation.units), [(u.name, u.kept) for u in allocation.units]
+    _assert_exact(allocation, robust_lenet, example, pruning, cost)
+    projected = {"+".join(sorted({s.layer for s in u.slots})): u.kept for u in Projector(robust_lenet, example, allocation.apply(pruning)).units}
+    assert projected == {u.name: u.kept for u in allocation.units}
+    plain = allocate(robust_lenet, example, _pruning("filter", "macs", 0.4, allocation=method), ShrinkConfig(), cost, sens)
+    assert any(u.kept % 8 for u in plain.units)  # without round_to this budget lands off the multiples
+
+
+def test_round_to_sets_the_floor_of_an_unreachable_target_and_says_so():
+    model, example = _lenet(), torch.rand(2, 1, 8, 8)
+    allocation = allocate(model, example, _pruning("filter", "macs", 0.02, allocation="uniform", round_to=8), ShrinkConfig(),
+                          metric_cost("macs", example))
+    assert not allocation.met and all(u.kept == 8 for u in allocation.units)
+    assert "pruning.round_to=8 keeps at least 8 channels of every group" in allocation.reason
+
+
 def test_user_ratios_and_keep_dense_layers_are_left_as_the_user_set_them(robust_lenet, sensitivities):
     example = torch.rand(2, 1, 8, 8)
     pruning = _pruning("filter", "macs", 0.65, keep_dense=["conv1"], layers=[LayerRule(pattern="conv2", ratio=0.25)])

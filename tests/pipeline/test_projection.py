@@ -112,3 +112,54 @@ def test_a_ratio_that_would_prune_every_filter_keeps_one_and_says_so():
     params = dict(model.named_parameters())
     masks = projector.masks({n: params[n] for n in projector.targets})
     assert len(_kept_filters(masks["conv1.weight"])) == 1
+
+
+# --- pruning.round_to ---------------------------------------------------------------------------
+
+
+def _kept(mask: torch.Tensor, dim: int) -> int:
+    """Output (dim 0) or input (dim 1) channels a mask keeps any weight of."""
+    return int(mask.transpose(0, dim).flatten(1).any(1).sum())
+
+
+ROUNDED = [  # a model, its input and a ratio at which no group's unrounded kept count is a multiple of N
+    ("lenet w=8, filter", lambda: _lenet(width=8, size=28), (1, 28, 28), "filter", 0.7, 8),
+    ("resnet18 w=2, filter (residual groups)", lambda: _resnet(width=2), (3, 16, 16), "filter", 0.6, 4),
+    ("resnet18 w=2, channel", lambda: _resnet(width=2), (3, 16, 16), "channel", 0.6, 4),
+]
+
+
+@pytest.mark.parametrize("make, shape, scheme, ratio, n", [case[1:] for case in ROUNDED], ids=[case[0] for case in ROUNDED])
+def test_round_to_keeps_a_multiple_of_n_channels_in_every_group_in_admm_and_the_hard_prune(make, shape, scheme, ratio, n):
+    from rapc.pipeline.admm import AdmmState
+    from rapc.pipeline.masks import hard_prune
+
+    model, example = make(), torch.rand(2, *shape)
+    dim = 0 if scheme == "filter" else 1
+    rounded = Projector(model, example, PruningConfig(scheme=scheme, ratio=ratio, round_to=n))
+    plain = Projector(model, example, PruningConfig(scheme=scheme, ratio=ratio))
+    params = dict(model.named_parameters())
+    # Layers whose channels are removable (the first conv's inputs are the image's: zeroed per layer, not a group).
+    grouped = [p for p in rounded.targets if dim == 0 or model.get_submodule(p.removesuffix(".weight")).weight.shape[1] != shape[0]]
+    unrounded = {p: _kept(m, dim) for p, m in plain.masks({p: params[p] for p in plain.targets}).items() if p in grouped}
+    assert any(k % n for k in unrounded.values()), unrounded  # else this case could not tell rounding from none
+
+    z = AdmmState.start(params, rounded, rho=0.1).z  # ADMM's Z-update projects with the same masks
+    masks = hard_prune(model, rounded).masks
+    for p in grouped:
+        size = params[p].shape[dim]  # channels: no flatten of a spatial map feeds these cases' linears
+        kept = _kept(masks[p], dim)
+        assert kept % n == 0 or kept == size, (p, kept)
+        assert unrounded[p] <= kept < unrounded[p] + n  # rounded up, never pruning more than the ratio asks
+        assert _kept(z[p] != 0, dim) == kept and _kept(params[p].detach() != 0, dim) == kept
+    assert any(note.startswith(f"pruning.round_to={n}: every pruned channel group keeps a multiple of {n}") for note in rounded.notes)
+
+
+def test_round_to_leaves_a_group_narrower_than_n_whole_and_a_ratio_of_one_keeps_n():
+    model = _lenet(width=2)  # conv1 4 filters, conv2 8
+    projector = Projector(model, torch.rand(2, 1, 8, 8), PruningConfig(scheme="filter", ratio=0.9, round_to=8))
+    params = dict(model.named_parameters())
+    masks = projector.masks({n: params[n] for n in projector.targets})
+    assert _kept(masks["conv1.weight"], 0) == 4 and _kept(masks["conv2.weight"], 0) == 8  # 8 kept of 8; all 4 of 4
+    assert any(note.startswith("conv1: ratio 0.9 would prune all 4 channels; 4 are kept") for note in projector.notes)
+    assert any("conv1 4/4 (the ratio alone: 1), conv2 8/8 (the ratio alone: 1)" in note for note in projector.notes)

@@ -55,6 +55,12 @@ def _signal(sig: signal.Signals) -> Callable[[subprocess.Popen], None]:
     return lambda proc: os.killpg(proc.pid, sig)
 
 
+def _foreground() -> None:
+    """In the child: SIGINT handled as a terminal's foreground job has it, even when pytest runs as a
+    background job (SIGINT ignored, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_with_children(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and its ranks (each in a process group of its own), as a crash of the machine would."""
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -66,7 +72,8 @@ def _kill_with_children(proc: subprocess.Popen) -> None:
 def _interrupt_when(out: Path, stage: str, stop: Callable[[subprocess.Popen], None], command: list[str]) -> subprocess.CompletedProcess:
     """Run ``command`` in a session of its own and ``stop`` it as soon as a checkpoint of ``stage`` exists in ``out``."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # pipes could fill and block it
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=ENV, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=ENV, start_new_session=True,
+                                preexec_fn=_foreground)
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / f"{stage}.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before a {stage} checkpoint appeared"

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapc.errors import RapcError
-from rapc.pipeline.schemes import SCHEMES, channel_mask, column_mask, filter_mask, irregular_mask, n_keep, nm_mask, top_mask
+from rapc.pipeline.schemes import SCHEMES, channel_mask, column_mask, filter_mask, irregular_mask, n_keep, nm_mask, top_mask, widths
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -128,6 +128,15 @@ def test_n_keep_keeps_everything_at_ratio_zero(n):
 @given(n=st.integers(1, 5000), ratio=high_ratios)
 def test_n_keep_keeps_at_least_one_unit_near_ratio_one(n, ratio):
     assert n_keep(n, ratio) >= 1
+
+
+@SETTINGS
+@given(n=st.integers(1, 5000), ratio=ratios, round_to=st.sampled_from([2, 4, 8, 16, 64]))
+def test_n_keep_with_round_to_rounds_the_kept_count_up_to_a_multiple_never_past_n(n, ratio, round_to):
+    k, unrounded = n_keep(n, ratio, round_to), n_keep(n, ratio)
+    assert k % round_to == 0 or k == n  # a multiple, or the whole layer when n itself is not one
+    assert unrounded <= k < unrounded + round_to and k <= n  # up to the next multiple: never prunes more than asked
+    assert k in widths(n, round_to)
 
 
 @SETTINGS

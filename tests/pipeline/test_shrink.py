@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_column_pruning_removes_whole_channel_columns_and_keeps_the_rest_as_zero
         assert torch.allclose(model(batch), result.model(batch), atol=1e-5)
 
 
-def test_round_to_keeps_widths_multiples_of_eight_and_stays_exact():
+def test_shrink_round_to_keeps_zero_channels_so_widths_are_multiples_of_eight_and_stays_exact():
     model = _model("resnet18", 4, 16)  # 16..128 channels
     batch = torch.rand(8, 3, 16, 16)
     _hard_prune(model, batch, PruningConfig(scheme="filter", ratio=0.6))
@@ -82,6 +84,32 @@ def test_round_to_keeps_widths_multiples_of_eight_and_stays_exact():
             assert m.out_channels % 8 == 0 and m.in_channels % 8 == 0
     assert any("round_to=8" in note for note in result.kept_zero)
     assert result.max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("name, width, size, channels", [("resnet18", 4, 16, 3), ("lenet", 8, 28, 1)])
+def test_pruning_round_to_shrinks_to_widths_multiples_of_n_with_no_zeros_kept(name, width, size, channels):
+    """The projection chose a multiple of 8 channels, so torch-pruning removes every zero channel and the widths are multiples."""
+    model = _model(name, width, size, channels)  # resnet18: 16..128 channels; lenet: conv 16, 32, fc 512
+    batch = torch.rand(8, channels, size, size)
+    plain = copy.deepcopy(model)
+    _hard_prune(plain, batch, PruningConfig(scheme="filter", ratio=0.6))
+    unrounded = shrink(plain, batch, ShrinkConfig()).model
+    _hard_prune(model, batch, PruningConfig(scheme="filter", ratio=0.6, round_to=8))
+    result = shrink(model, batch, ShrinkConfig())
+
+    def widths(m):
+        return [(n, l.weight.shape[0], l.weight.shape[1]) for n, l in m.named_modules() if isinstance(l, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    assert any(out % 8 for _, out, _ in widths(unrounded)[:-1])  # else this case could not tell rounding from none
+    for layer, out, inputs in widths(result.model)[:-1]:  # the output layer's rows are the classes
+        assert out % 8 == 0, (layer, out)
+        if isinstance(result.model.get_submodule(layer), torch.nn.Conv2d) and inputs != channels:
+            assert inputs % 8 == 0, (layer, inputs)
+    assert widths(result.model)[-1][1] == 10
+    assert all(s.zeros == 0 for s in layer_stats(result.model) if s.name != "conv1" or name != "lenet")  # no zeros kept for rounding
+    assert not result.kept_zero and result.max_abs_diff <= 1e-5
+    macs = macs_and_params(result.model, batch)[0]
+    assert macs_and_params(unrounded, batch)[0] < macs < macs_and_params(model, batch)[0]  # rounded up: a little wider
 
 
 def test_zero_filters_coupled_to_a_live_layer_are_reported_not_removed():
