@@ -41,9 +41,14 @@ def _with_error(attack: dict[str, Any]) -> str:
     return f"{attack['accuracy']:.1%} ± {attack['stderr']:.1%}"
 
 
+def _stderr(p: float, n: int) -> float:
+    """The standard error of an accuracy p on n images, sqrt(p(1-p)/n)."""
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
 def _with_error_of(p: float | None, n: int) -> str:
     """:func:`_with_error` for a figure of n images that the report keeps without its standard error."""
-    return "-" if p is None else _with_error({"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0})
+    return "-" if p is None else _with_error({"accuracy": p, "stderr": _stderr(p, n)})
 
 
 def _accuracy(report: dict[str, Any]) -> Table:
@@ -70,7 +75,7 @@ def _replay(report: dict[str, Any]) -> Table | None:
         if "accuracy" in entry:
             figures = [(entry["accuracy"].get(a["name"]), a["n"]) for a in attacks] + [(entry["accuracy"]["all"], n_all)]
             rows.append((key, entry.get("backend", entry["runtime"].split(":")[0]), *(_pct(p) for p, _ in figures)))
-            errors += [math.sqrt(p * (1 - p) / n) for p, n in figures if p is not None and n]
+            errors += [_stderr(p, n) for p, n in figures if p is not None]
         else:
             rows.append((key, f"not run: {entry['not_run']}", *("" for _ in attacks), ""))
     legend = "; ".join(f"{a['name']}: {a['label']}, n={a['n']}" for a in attacks if a["name"] != "clean")
