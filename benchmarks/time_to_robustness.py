@@ -68,7 +68,8 @@ from rapc.data import head, load_data, loader
 from rapc.device import resolve_device
 from rapc.errors import RapcError
 from rapc.modelio import load_model
-from rapc.pipeline.compress import CompressResult, compress, resume
+from rapc.pipeline.compress import compress, resume
+from rapc.pipeline.report import Summary
 from rapc.progress import Reporter, RichReporter, log_console
 from rapc.rundir import RunPaths, atomic_write
 from rapc.tables import Table
@@ -202,7 +203,7 @@ def _lookup(data: dict[str, Any], key: str) -> Any:
     return data
 
 
-def run_point(point: Point, reporter: Reporter) -> tuple[CompressResult, float, bool]:
+def run_point(point: Point, reporter: Reporter) -> tuple[Summary, float, bool]:
     """compress() the point, or continue its interrupted run: (result, training seconds, resumed)."""
     run = RunPaths(point.directory)
     resumed = run.config_path.is_file()

@@ -6,6 +6,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -21,6 +22,9 @@ from rapc.pipeline.schemes import SCHEMES
 from rapc.progress import RichReporter, log_console
 from rapc.rundir import RunPaths
 from rapc.study import ROWS, StudyOptions
+
+if TYPE_CHECKING:
+    from rapc.pipeline.report import Summary
 
 # Help texts read the registries and the study's defaults: a newly registered scheme, backend or
 # study row is listed by --help without an edit here.
@@ -184,9 +188,37 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
         return
     if result.finished_before:
         console.print(f"{out} had already finished; nothing to do. Its results:")
+    _print_summary(result, cfg.attack.eval.eps)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--n-ensemble", type=click.IntRange(min=1), default=None, metavar="N",
+              help="The ensemble APGD-CE + APGD-T on the first N test images (default: the run's eval.n_ensemble). "
+                   "Publishing a figure? Give every test image (eval.n_test of the run's config).")
+def report(run: str, n_ensemble: int | None) -> None:
+    """Judge a trained run again and rewrite its summary.json, without retraining.
+
+    Both saved models (dense and compressed) get the judge's final figures on the test split:
+    clean, FGSM, PGD and the ensemble, worst case per image. A saved verdict is reused when it is
+    exactly what is asked; anything else is judged afresh and replaces it (bench then reuses it).
+    """
+    from rapc.pipeline.report import report as judge_run
+    from rapc.rundir import open_run
+
+    cfg = open_run(run).config()
+    console = log_console()
+    console.print(f"rapc report: {run}" + (f" (the ensemble on {n_ensemble} test images)" if n_ensemble else ""), markup=False)
+    with RichReporter(console) as reporter:
+        result = judge_run(run, reporter, n_ensemble)
+    _print_summary(result, cfg.attack.eval.eps)
+
+
+def _print_summary(result: Summary, eps: float) -> None:
+    """A run's result: per-layer shapes, dense beside compressed, what the dense model is, the budget, notes, time, warnings."""
     out_console = _stdout()
     out_console.print(_layer_table(result.layers))
-    out_console.print(_table(result.dense, result.compressed, cfg.attack.eval.eps))
+    out_console.print(_table(result.dense, result.compressed, eps))
     out_console.print(f"dense: {result.baseline}", markup=False)
     if result.budget is not None:
         b = result.budget
@@ -203,8 +235,6 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     for warning in result.warnings:
         out_console.print(f"warning: {warning}", style="yellow", markup=False)
     click.echo(f"run directory: {result.run}")
-
-
 
 
 def _start_and_budget(weights: str | None, force: bool, target: str | None) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -411,13 +411,30 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
 
 
+def _invalid(exc: ValidationError, source: str) -> RapcError:
+    errors = exc.errors()
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return RapcError(f"{source}: {_describe(errors[0])}{more}")
+
+
 def validate(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RapcError(f"{source}: {_describe(errors[0])}{more}") from None
+        raise _invalid(exc, source) from None
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def updated(section: Section, source: str = "config", **changes: Any) -> Section:
+    """``section`` (the config or one of its parts) with ``changes``, validated as a file's values are:
+    ``model_copy(update=...)`` alone would take a bad value on trust. A part changed inside a
+    change is given whole, itself ``updated``: ``updated(cfg, pruning=updated(cfg.pruning, ratio=0.75))``."""
+    try:
+        return type(section).model_validate({**dict(section), **changes})
+    except ValidationError as exc:
+        raise _invalid(exc, source) from None
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

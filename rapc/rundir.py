@@ -3,6 +3,7 @@ so an interrupted run never leaves a partial file where a complete one is expect
 
     runs/NAME/config.yaml          resolved config
     runs/NAME/metrics.jsonl        one line per epoch
+    runs/NAME/start_check.json     with a given start model (stages.check_start): its verdict
     runs/NAME/checkpoints/STAGE.pt state dicts (loaded with weights_only=True)
     runs/NAME/pretrained/          the dense model after pretraining: where pruning starts
     runs/NAME/dense/               the dense baseline the compressed model is compared with: the
@@ -14,8 +15,12 @@ so an interrupted run never leaves a partial file where a complete one is expect
     runs/NAME/judgement/MODEL.safetensors
                                    the final judge's per-image verdicts and adversarial images
                                    of dense and compressed (rapc.judgement), for bench to reuse
-    runs/NAME/summary.json         dense vs compressed figures and the shrink report; written
-                                   last, so it marks a finished run
+    runs/NAME/trained.json         the shrink report, per-layer shapes, notes and what the dense
+                                   model is; written with the models, so it marks a trained run
+    runs/NAME/summary.json         trained.json with the judge's figures of dense and compressed
+                                   (rapc.pipeline.report); written last, so it marks a finished run
+    runs/NAME/export/              rapc export's ONNX files, engines and fidelity.json
+    runs/NAME/bench/               rapc bench's report, plots and the verdicts it judged itself
 
 Each checkpoint records how much of metrics.jsonl it covers: a resumed run cuts the
 file back to that, so the work it redoes is not logged twice.
@@ -132,6 +137,17 @@ class RunPaths:
         return load_config(str(self.config_path))
 
     @property
+    def trained_path(self) -> Path:
+        return self.root / "trained.json"
+
+    def trained(self) -> dict[str, Any] | None:
+        """What training recorded beside the models, or None before training finished."""
+        return json.loads(self.trained_path.read_text()) if self.trained_path.is_file() else None
+
+    def start_check_figures(self) -> dict[str, Any] | None:
+        return json.loads(self.start_check.read_text()) if self.start_check.is_file() else None
+
+    @property
     def summary_path(self) -> Path:
         return self.root / "summary.json"
 
@@ -185,6 +201,10 @@ class RunDir(RunPaths):
         """Written last: its presence marks a finished run."""
         return atomic_write(self.summary_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
+    def write_trained(self, data: Any) -> Path:
+        """Written after the models: its presence marks a trained run, ready to judge."""
+        return atomic_write(self.trained_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
     def write_start_check(self, figures: dict[str, Any]) -> None:
         atomic_write(self.start_check, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
 
@@ -222,6 +242,9 @@ class ReadOnlyRunDir(RunDir):
 
     def write_summary(self, data: Any) -> Path:
         return self.summary_path
+
+    def write_trained(self, data: Any) -> Path:
+        return self.trained_path
 
     def write_start_check(self, figures: dict[str, Any]) -> None:
         pass

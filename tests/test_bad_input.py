@@ -97,7 +97,8 @@ def truncate(path: str, size: int) -> Callable[[Path], None]:
 
 
 def interrupted_with_corrupt_checkpoint(run: Path) -> None:
-    (run / "summary.json").unlink()  # unfinished: resume reads the checkpoints
+    for finished in ("summary.json", "trained.json"):  # killed while training: resume reads the checkpoints
+        (run / finished).unlink()
     (run / "checkpoints" / "retrain.pt").write_bytes(b"garbage")
 
 

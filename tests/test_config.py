@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rapc.config import dump_config, load_config, presets
+from rapc.config import dump_config, load_config, presets, updated
 from rapc.errors import RapcError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +104,14 @@ def test_presets_ship_inside_a_plain_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for preset in ("mnist-lenet-filter", "mnist-lenet-column", "cifar10-resnet18-filter", "cifar10-vgg16-column"):
         assert f"rapc/configs/{preset}.yaml" in names
+
+
+def test_updated_validates_a_change_as_a_files_value_and_names_its_source():
+    cfg = load_config("digits-lenet-filter")
+    cell = updated(cfg, "a cell", pruning=updated(cfg.pruning, "a cell", scheme="column", ratio=0.75))
+    assert (cell.pruning.scheme, cell.pruning.ratio) == ("column", 0.75) and cfg.pruning.ratio != 0.75
+    assert updated(cfg) == cfg and cell.stages == cfg.stages
+    with pytest.raises(RapcError, match=r"^a cell: ratio: Input should be less than 1 \(got 2.0\)"):
+        updated(cfg.pruning, "a cell", ratio=2.0)
+    with pytest.raises(RapcError, match="a cell: ratios: unknown key"):
+        updated(cfg.pruning, "a cell", ratios=0.5)

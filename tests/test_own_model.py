@@ -184,7 +184,7 @@ def test_the_start_check_is_kept_by_a_resume_from_before_the_first_admm_checkpoi
     nothing and does not judge the start again, yet the summary still gives the check's figures."""
     out = shutil.copytree(pt_run[0], tmp_path / "run")
     start = json.loads((out / "start_check.json").read_text())
-    for finished in ("summary.json", "dense", "compressed", "export", "bench"):
+    for finished in ("summary.json", "trained.json", "dense", "compressed", "export", "bench"):
         shutil.rmtree(out / finished, ignore_errors=True) if (out / finished).is_dir() else (out / finished).unlink(missing_ok=True)
     for checkpoint in (out / "checkpoints").glob("*.pt"):
         checkpoint.unlink()

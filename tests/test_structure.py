@@ -25,12 +25,16 @@ def _modules() -> list[str]:
             for p in sorted(PACKAGE.rglob("*.py"))]
 
 
-def _imports(module: str) -> dict[str, set[str]]:
-    """Every rapc module imported anywhere in ``module`` (lazy imports inside functions too), with the names taken."""
+def _tree(module: str) -> ast.Module:
     path = PACKAGE.joinpath(*module.split(".")[1:])
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    return ast.parse(path.read_text())
+
+
+def _imports(module: str) -> dict[str, set[str]]:
+    """Every rapc module imported anywhere in ``module`` (lazy imports inside functions too), with the names taken."""
     found: dict[str, set[str]] = {}
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(module)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rapc"):
             found.setdefault(node.module, set()).update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
@@ -61,4 +65,15 @@ def test_only_commands_use_the_compress_command(module):
     if names is None or module == COMMAND:
         return
     assert _layer(module) in ("cli", "study"), f"{module} imports the compress command"
-    assert names <= {"compress", "resume", "CompressResult"}, f"{module} imports helpers {names} from {COMMAND}"
+    assert names <= {"compress", "resume", "train", "resume_training"}, f"{module} imports helpers {names} from {COMMAND}"
+
+
+def _calls(module: str, name: str) -> int:
+    """Calls of ``name`` (``name(...)`` or ``x.name(...)``) in ``module``."""
+    return sum(1 for node in ast.walk(_tree(module)) if isinstance(node, ast.Call)
+               and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name))
+
+
+def test_only_the_builder_constructs_a_trainer():
+    """compress and every study row build their runs one way (rapc.pipeline.parts): seeded, in the same order."""
+    assert [m for m in _modules() if _calls(m, "Trainer")] == ["rapc.pipeline.parts"]

@@ -17,13 +17,15 @@ from click.testing import CliRunner
 from rapc.bench.latency import TimingPolicy
 from rapc.cli import main
 from rapc.config import Config, load_config
+from rapc import judge
 from rapc.errors import RapcError
 from rapc.modelio import load_model, read_architecture
-from rapc.modelio import Architecture
 from rapc.pipeline.trainer import Trainer
+from rapc.rundir import RunPaths
 from rapc.study import DEFAULT_ROWS, StudyOptions, study
 from rapc.study.evaluation import judged
-from rapc.study.rows import _to_dense_init, final_model, initial_shrunk
+from rapc.pipeline.parts import RunParts
+from rapc.study.rows import final_model, initial_shrunk
 
 TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1")
 QUICK = TimingPolicy(warmup=2, min_iters=5, min_seconds=0.05)
@@ -110,11 +112,11 @@ def test_every_row_trained_the_epochs_at_full_eps_its_schedule_records(study_dir
 
 
 def test_inherited_init_is_the_dense_init_of_the_kept_filters_and_scratch_is_fresh(study_dir: Path, tiny_cfg: Config) -> None:
-    dense = Architecture.for_data(tiny_cfg.model, _to_dense_init(tiny_cfg).info).build()
-    shrunk = read_architecture(final_model(_row_dir(study_dir, "r2-filter/rapc")))
     cpu = torch.device("cpu")
-    inherited = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=False)
-    scratch = initial_shrunk(tiny_cfg, shrunk, cpu, fresh=True)
+    dense = RunParts.start(tiny_cfg, cpu).fresh_model()
+    shrunk = read_architecture(final_model(_row_dir(study_dir, "r2-filter/rapc")))
+    _, inherited = initial_shrunk(tiny_cfg, shrunk, fresh=False, device=cpu)
+    _, scratch = initial_shrunk(tiny_cfg, shrunk, fresh=True, device=cpu)
     first = next(name for name, _ in dense.named_parameters() if name.endswith("weight"))  # its input channels are the image's
     dense_filters = dict(dense.named_parameters())[first].detach().flatten(1)
     kept = dict(inherited.named_parameters())[first].detach().flatten(1)
@@ -158,8 +160,8 @@ def test_study_rerun_reads_finished_rows_without_training(study_dir: Path, tiny_
     def fail(*args, **kwargs):
         raise AssertionError("a finished row was trained again")
 
-    monkeypatch.setattr("rapc.study.rows.compress", fail)
-    monkeypatch.setattr("rapc.study.rows.resume", fail)
+    monkeypatch.setattr("rapc.study.rows.train", fail)
+    monkeypatch.setattr("rapc.study.rows.resume_training", fail)
     monkeypatch.setattr(Trainer, "stage", fail)
     before = _report(study_dir)
     after = study(tiny_cfg, study_dir, OPTIONS).report
@@ -237,7 +239,7 @@ def test_a_row_claimed_before_a_config_key_was_added_is_still_read_without_train
     def fail(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr("rapc.study.rows.compress", fail)
+    monkeypatch.setattr("rapc.study.rows.train", fail)
     monkeypatch.setattr("rapc.pipeline.trainer.train_epoch", fail)
     assert _rows(study(tiny_cfg, out, OPTIONS).out).keys() == _rows(study_dir).keys()
     set_differently = tiny_cfg.model_copy(update={"data": tiny_cfg.data.model_copy(update={"val_fraction": 0.2})})
@@ -275,13 +277,35 @@ def test_study_command_reports_a_bad_ratio_in_one_line(tmp_path: Path) -> None:
     assert "comma-separated numbers" in result.output
 
 
+def test_a_pipeline_row_is_trained_by_compress_and_judged_once_by_the_study(study_dir: Path, tiny_cfg: Config, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    out = shutil.copytree(study_dir, tmp_path / "copy")
+    shutil.rmtree(_row_dir(out, "r2-filter/rapc"))  # trained again; the shared dense models are read
+    final = []
+    real = judge.judge_loader
+
+    def counting(model, data, protocol, *args, **kwargs):
+        if protocol.level == "final":
+            final.append(protocol)
+        return real(model, data, protocol, *args, **kwargs)
+
+    monkeypatch.setattr("rapc.judge.judge_loader", counting)
+    monkeypatch.setattr("rapc.study.evaluation.judge_loader", counting)
+    study(tiny_cfg, out, replace(OPTIONS, rows=("rapc",)))
+    assert len(final) == 1 and final[0].n_ensemble == N_ENSEMBLE
+    run = RunPaths(_row_dir(out, "r2-filter/rapc"))
+    assert run.trained() is not None and run.summary() is None  # trained by compress, not judged by it
+    row = json.loads((run.root / "row.json").read_text())
+    assert row["judge"]["attacks"][-1]["n"] == N_ENSEMBLE
+
+
 def test_study_row_without_its_result_file_is_remeasured_from_its_checkpoints(study_dir: Path, tiny_cfg: Config, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("trained again")
 
     before = _rows(study_dir)["scratch"]
     (_row_dir(study_dir, "r2-filter/scratch") / "row.json").unlink()  # as if killed after training, before writing it
-    monkeypatch.setattr("rapc.study.rows.compress", fail)
+    monkeypatch.setattr("rapc.study.rows.train", fail)
     monkeypatch.setattr("rapc.pipeline.trainer.train_epoch", fail)
     after = _rows(study(tiny_cfg, study_dir, OPTIONS).out)["scratch"]
     assert (after["params"], after["epochs"], after["train_seconds"]) == (before["params"], before["epochs"], before["train_seconds"])
@@ -317,7 +341,7 @@ def test_seeds_train_every_model_again_per_seed_and_report_mean_and_std(study_di
         raise AssertionError("trained or judged again")
 
     # ... so seed 1 alone (another process, say) finds its rows finished and judged as --seeds 2 left them
-    for name in ("rapc.study.rows.compress", "rapc.pipeline.trainer.train_epoch", "rapc.study.run.judged"):
+    for name in ("rapc.study.rows.train", "rapc.pipeline.trainer.train_epoch", "rapc.study.run.judged"):
         monkeypatch.setattr(name, fail)
     alone = study(tiny_cfg.model_copy(update={"seed": 1}), out, replace(options, seeds=1)).report
     assert alone["seeds"] == [1]

@@ -21,7 +21,7 @@ from rapc.pipeline.allocation import Allocation, Cost, allocate, metric_cost, pl
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.sensitivity import sensitivity
 from rapc.progress import Reporter
-from rapc.rundir import RunDir, atomic_write
+from rapc.rundir import RunDir, RunPaths, atomic_write
 
 # How a latency target is measured: (backend name, batch, image shape) -> the cost of a model in ms.
 # Latency is measured by rapc's bench backends, which the pipeline cannot import; the CLI passes
@@ -41,6 +41,12 @@ def budgeted(cfg: Config, model: nn.Module, splits: Splits, example: torch.Tenso
                              else _solve(cfg, model, splits, example, run, reporter, latency))
     allocation = Allocation.from_dict(record)
     return allocation.apply(cfg.pruning), allocation
+
+
+def saved_allocation(run: RunPaths) -> Allocation | None:
+    """The allocation a run solved for its pruning.target, or None (no target)."""
+    saved = run.allocation / ALLOCATION
+    return Allocation.from_dict(json.loads(saved.read_text())) if saved.is_file() else None
 
 
 def target_cost(target: TargetConfig, example: torch.Tensor, latency: LatencyCost | None) -> Cost:

@@ -1,90 +1,68 @@
 """``rapc compress``: dense adversarial training -> adversarial ADMM -> hard prune ->
-masked adversarial retraining -> physical shrink, written to one run directory.
+masked adversarial retraining -> physical shrink, written to one run directory, then the
+judge's verdict on it (rapc.pipeline.report).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from rapc import judge, judgement
 from rapc.config import Config
-from rapc.data import load_data
-from rapc.device import resolve_device, seed_everything
+from rapc.device import resolve_device
 from rapc.errors import RapcError
-from rapc.measure import compare_layers, layer_stats, sparsity, summary
+from rapc.measure import compare_layers, layer_stats, sparsity
 from rapc.modelio import ARCHITECTURE, WEIGHTS, Architecture, load_weights, save_model
-from rapc.pipeline.admm import AdmmSchedule, AdmmState, unconverged
-from rapc.pipeline.budget import LatencyCost, budget_report, budgeted
+from rapc.pipeline.admm import AdmmSchedule, AdmmState
+from rapc.pipeline.budget import LatencyCost, budgeted
 from rapc.pipeline.distill import distillation
-from rapc.pipeline.distributed import Ranks, session
+from rapc.pipeline.distributed import Ranks, env_rank, session
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import hard_prune
 from rapc.pipeline.projection import Projector, check_schemes
+from rapc.pipeline.report import Summary, Trained, admm_warning, finished, report
 from rapc.pipeline.shrink import shrink
 from rapc.pipeline.speed import training_module
 from rapc.pipeline.start import check_start, check_start_from, given_model, load_start
-from rapc.pipeline.trainer import RunData, Trainer
+from rapc.pipeline.parts import RunParts
+from rapc.pipeline.trainer import Trainer
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import ReadOnlyRunDir, RunDir, open_run
-
-
-def _report(model: nn.Module, name: str, run: RunDir, test: DataLoader, cfg: Config, example: torch.Tensor,
-            reporter: Reporter) -> dict[str, Any]:
-    """Size and the judge's final figures on the test split: clean, FGSM, PGD and the ensemble,
-    each with its label, n and standard error; ``robust`` is the strongest (the ensemble).
-
-    The verdict per image, with its adversarial images, is saved beside the run's models
-    (``RunPaths.judgement``), so that bench replays it rather than attacking again. The
-    protocol records the loader's batch size: PGD draws its random starts per batch."""
-    protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_ensemble, seed=cfg.seed, batch=test.batch_size)
-    weights = run.models()[name] / WEIGHTS
-    images, labels = (torch.cat(parts) for parts in zip(*test))
-    saved = judgement.load(run.judgement(name), images)
-    if saved is not None and saved.covers(protocol, judgement.file_digest(weights), images, labels) and saved.is_all_of(protocol, len(labels)):
-        # A run interrupted during the final judge (two thirds of the default run) keeps what it had judged.
-        reporter.log(f"{name}: reused the judgement this run saved before it was interrupted ({saved.describe()})")
-        verdict = saved.verdict
-    else:
-        verdict = judge.judge_loader(model, test, protocol, reporter=reporter, title=name, keep_images=True)
-        judgement.save(run.judgement(name), verdict, weights, labels, next(model.parameters()).device)
-    return summary(model, example) | {
-        "file_bytes": weights.stat().st_size, "clean": verdict.clean.accuracy, "pgd": verdict["pgd"].accuracy,
-        "robust": verdict.robust.accuracy, "judge": verdict.to_dict(),
-    }
-
-
-@dataclass
-class CompressResult:
-    run: Path
-    dense: dict[str, Any]
-    compressed: dict[str, Any]
-    layers: list[dict[str, Any]]
-    notes: list[str]
-    baseline: str  # what the dense figures come from
-    warnings: list[str]  # an unconverged ADMM's, then the judge's gradient-masking warnings
-    budget: dict[str, Any] | None = None  # with pruning.target: target vs achieved (budget_report)
-    seconds: dict[str, float] | None = None  # where the time went (_seconds); None in a summary from before it
-    finished_before: bool = False  # a resumed run that had already finished: re-reported, not retrained
 
 
 STAGES = ("pretrain", "admm", "retrain", "dense-admm", "dense-retrain")  # in the order they run
 
 
-def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> CompressResult | None:
-    """Run the whole pipeline in a new run directory ``out``; everything is written under it.
+def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> Summary | None:
+    """Train a new run in ``out`` (:func:`train`), then judge it (:func:`rapc.pipeline.report.report`).
 
-    Under torchrun every rank calls this; rank 0 writes the run and returns its result, the
-    others return None. ``latency`` measures a latency target (rapc.bench.latency.latency_cost).
+    Under torchrun every rank calls this; rank 0 judges and returns the summary, the others return None.
+    ``latency`` measures a latency target (rapc.bench.latency.latency_cost).
+    """
+    root = train(cfg, out, reporter, latency)
+    return None if root is None else report(root, reporter)
+
+
+def resume(out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> Summary | None:
+    """Continue the interrupted run in ``out``: training from its last checkpoints, then the judge
+    (a verdict saved before the interruption is kept). A run that had already finished is only
+    re-read. Under torchrun every rank calls this; rank 0 returns the summary, the others None."""
+    if (done := finished(out)) is not None:
+        return done if env_rank() == 0 else None
+    root = resume_training(out, reporter, latency)
+    return None if root is None else report(root, reporter)
+
+
+def train(cfg: Config, out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> Path | None:
+    """Run the training pipeline in a new run directory ``out``, up to its saved dense and compressed
+    models and trained.json; the judge is :func:`rapc.pipeline.report.report`'s.
+
+    Under torchrun every rank calls this; rank 0 returns the run directory, the others None.
     """
     check_schemes(cfg.pruning)  # a misspelt scheme fails now, not after pretraining
     check_start_from(cfg)
@@ -93,54 +71,46 @@ def compress(cfg: Config, out: str | Path, reporter: Reporter | None = None, lat
         return _pipeline_on(ranks, device, cfg, out, reporter, latency)
 
 
-def resume(out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> CompressResult | None:
-    """Continue the interrupted run in ``out`` from its last checkpoints, with its own config.
+def resume_training(out: str | Path, reporter: Reporter | None = None, latency: LatencyCost | None = None) -> Path | None:
+    """Continue the interrupted training of the run in ``out`` from its last checkpoints, with its own config.
 
-    Finished stages are loaded, not redone; the result equals that of an uninterrupted run
-    (exactly on CPU). A run that had already finished is only re-reported. Under torchrun every
-    rank calls this, whatever number of processes started the run: rank 0 decides and returns
-    the result, the others follow and return None.
+    Finished stages are loaded, not redone; the models equal those of an uninterrupted run
+    (exactly on CPU). A trained run is left as it is. Under torchrun every rank calls this,
+    whatever number of processes started the run: rank 0 decides and returns the run directory,
+    the others follow and return None.
     """
     cfg = open_run(out).config()
     with session(resolve_device(cfg.device)) as (ranks, device):
-        summary = ranks.from_main(lambda: _reopen(out))
-        if summary is None:
-            return _pipeline_on(ranks, device, cfg, out, reporter, latency)
-        if not ranks.is_main:
-            return None
-        return CompressResult(Path(out), summary["dense"], summary["compressed"], summary["layers"], summary["notes"],
-                              summary["baseline"], summary["warnings"], summary.get("budget"), summary.get("seconds"),
-                              finished_before=True)
+        if ranks.from_main(lambda: _reopen(out)):
+            return Path(out) if ranks.is_main else None
+        return _pipeline_on(ranks, device, cfg, out, reporter, latency)
 
 
-def _reopen(out: str | Path) -> dict[str, Any] | None:
-    """On rank 0: a finished run's summary, or None once an unfinished run is rewound to its last checkpoint."""
+def _reopen(out: str | Path) -> bool:
+    """On rank 0: whether the run is trained; an untrained one is first rewound to its last checkpoint."""
     run = RunDir(out)
-    summary = run.summary()
-    if summary is None:
+    trained = run.trained() is not None or run.summary() is not None
+    if not trained:
         run.rewind(STAGES)
-    return summary
+    return trained
 
 
 def _pipeline_on(ranks: Ranks, device: torch.device, cfg: Config, out: str | Path, reporter: Reporter | None,
-                 latency: LatencyCost | None) -> CompressResult | None:
+                 latency: LatencyCost | None) -> Path | None:
     """The pipeline on this rank: rank 0 writes the run directory and reports, the others only read it."""
     run = RunDir(out) if ranks.is_main else ReadOnlyRunDir(out)
     return _pipeline(cfg, run, reporter if reporter is not None and ranks.is_main else SilentReporter(), ranks, device, latency)
 
 
 def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device: torch.device,
-              latency: LatencyCost | None) -> CompressResult | None:
-    seed_everything(cfg.seed)
-    splits = load_data(cfg.data, cfg.seed)
-    architecture = Architecture.for_data(cfg.model, splits.info)
-    model = architecture.build(allow_import=cfg.model.allow_import).to(device)
+              latency: LatencyCost | None) -> Path | None:
+    parts = RunParts.start(cfg, device)
+    model, splits, architecture = parts.fresh_model(), parts.splits, parts.architecture
     if ranks.enabled:  # DDP starts every rank from rank 0's weights; attacks' random starts differ per rank
         torch.manual_seed(cfg.seed + ranks.rank)
-    data = RunData.make(cfg, splits, device, ranks)
-    example = data.example
+    example = parts.data(ranks).example
     _check_input(model, example, cfg)
-    trainer = Trainer(cfg, model, device, run, data.train, data.val, data.guard_batch, reporter, ranks, training_module(model, cfg, device, ranks))
+    trainer = parts.trainer(model, run, reporter, ranks)
 
     pretrained_saved = (run.pretrained / ARCHITECTURE).is_file()
     if pretrained_saved:  # resuming after pretraining: the saved model is reused
@@ -154,7 +124,7 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     if not pretrained_saved and ranks.is_main:
         save_model(pretrained, architecture, run.pretrained)
 
-    pruning, allocation = budgeted(cfg, model, splits, example, run, reporter, ranks, latency)
+    pruning, _ = budgeted(cfg, model, splits, example, run, reporter, ranks, latency)
     projector = Projector(model, example, pruning)
     for note in projector.notes:
         reporter.log(f"note: {note}")
@@ -171,12 +141,12 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
         hard = trainer.validate()
         run.log({"stage": "hard_prune", **hard, "sparsity": sparsity(model)})
         reporter.log(f"hard prune: val clean {hard['val_clean']:.3f} {hard['val_attack']} {hard['val_robust']:.3f}  sparsity {sparsity(model):.3f}")
-        if warning := _admm_warning(run.records()):
+        if warning := admm_warning(run.records()):
             reporter.log(f"warning: {warning}")
     trainer.stage("retrain", cfg.stages.retrain, replace(masks.hooks(), loss=distill), extra=masks)
     ranks.assert_same(masks.masks, "the retraining masks")
-    dense, baseline = _dense_baseline(trainer, pretrained, architecture, cfg)
-    if not ranks.is_main:  # rank 0 shrinks, evaluates on the test split and writes the result
+    baseline = _dense_baseline(trainer, pretrained, architecture, cfg)
+    if not ranks.is_main:  # rank 0 shrinks and writes the models
         return None
 
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: the shrink and files use NCHW
@@ -184,48 +154,16 @@ def _pipeline(cfg: Config, run: RunDir, reporter: Reporter, ranks: Ranks, device
     save_model(result.model, replace(architecture, pruning_history=result.history), run.compressed)
     reporter.log(f"shrink: removed {sum(result.removed.values())} channels, max abs diff {result.max_abs_diff:.2e}")
 
-    judging = time.perf_counter()
-    dense_report = _report(dense, "dense", run, data.test, cfg, example, reporter)
-    compressed_report = _report(result.model, "compressed", run, data.test, cfg, example, reporter)
-    records = run.records()
-    seconds = _seconds(records, time.perf_counter() - judging)
-    layers = compare_layers(layer_stats(model, example), layer_stats(result.model, example))
     notes = projector.notes + result.kept_zero
-    warnings = [f"{name}: {w}" for name, r in (("dense", dense_report), ("compressed", compressed_report)) for w in r["judge"]["warnings"]]
-    if warning := _admm_warning(records):
-        warnings.insert(0, f"compressed: {warning}")
-    budget = budget_report(allocation, dense_report, compressed_report) if allocation is not None else None
-    run.write_summary({
-        "dense": dense_report, "compressed": compressed_report, "layers": layers,
-        "shrink": {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero},
-        "notes": notes, "baseline": baseline, "warnings": warnings, "budget": budget, "seconds": seconds,
-        "start_check": json.loads(run.start_check.read_text()) if run.start_check.is_file() else None,
-    })
-    return CompressResult(run.root, dense_report, compressed_report, layers, notes, baseline, warnings, budget, seconds)
+    run.write_trained(Trained(
+        compare_layers(layer_stats(model, example), layer_stats(result.model, example)),
+        {"removed": result.removed, "max_abs_diff": result.max_abs_diff, "kept_zero": result.kept_zero}, notes, baseline,
+    ).to_json())
+    return run.root
 
 
-def _admm_warning(records: list[dict[str, Any]]) -> str | None:
-    """unconverged() on the run's log, so that a resumed run (its hard prune logged before) still says it."""
-    admm = [r for r in records if r["stage"] == "admm" and "val_robust" in r]  # its last epoch is validated
-    pruned = [r for r in records if r["stage"] == "hard_prune"]
-    return unconverged(admm[-1], pruned[-1]) if admm and pruned else None
-
-
-def _seconds(records: list[dict[str, Any]], judging: float) -> dict[str, float]:
-    """Where the run's time went: each stage's epochs (training and selection) as metrics.jsonl
-    logged them, so the epochs of an interrupted run count too (an epoch resumed from inside
-    counts from its resume), the dense control's two stages as one, and the final judge of both
-    models. Setup (data, the start check, an allocation) and the shrink are not counted."""
-    stages: dict[str, float] = {}
-    for record in records:
-        if "epoch" in record and "seconds" in record:
-            stage = "dense control" if record["stage"].startswith("dense-") else record["stage"]
-            stages[stage] = stages.get(stage, 0.0) + record["seconds"]
-    return stages | {"final judge": judging}
-
-
-def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Architecture, cfg: Config) -> tuple[nn.Module, str]:
-    """The dense model the compressed one is compared with, saved as the run's ``dense/``, and what it is.
+def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Architecture, cfg: Config) -> str:
+    """The dense model the compressed one is compared with, saved as the run's ``dense/``; returns what it is.
 
     Pruning trains for the ADMM and retraining stages after pretraining, often with a decaying
     learning rate; the pretrained model has had neither, so beside it compression would seem to
@@ -249,7 +187,7 @@ def _dense_baseline(trainer: Trainer, pretrained: nn.Module, architecture: Archi
         control.eval().to(memory_format=torch.contiguous_format)
     if trainer.ranks.is_main and not (trainer.run.dense / ARCHITECTURE).is_file():
         save_model(control, architecture, trainer.run.dense)
-    return control, description
+    return description
 
 
 def _check_input(model: nn.Module, example: torch.Tensor, cfg: Config) -> None:

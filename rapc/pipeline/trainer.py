@@ -54,9 +54,15 @@ class RunData:
         if train is None:
             train = loader(indexed, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
         val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
-        test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
+        test = test_loader(cfg, splits, device)
         guard_batch = next(iter(loader(splits.train, cfg.attack.train.guard.images, shuffle=False)))
         return cls(train, val, test, guard_batch, next(iter(val))[0][:64].to(device))
+
+
+def test_loader(cfg: Config, splits: Splits, device: torch.device) -> DataLoader:
+    """The judge's images: the test split's first eval.n_test, unshuffled, in eval batches."""
+    return loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers,
+                  pin=device.type == "cuda")
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ from torch.utils.data import DataLoader
 from rapc.bench.backends import Artifact
 from rapc.bench.latency import Latency, TimingPolicy, build_backends, measure_backends
 from rapc.config import Config
-from rapc.data import head, load_data, loader
+from rapc.data import load_data
+from rapc.device import resolve_device
 from rapc.export.onnx import export_onnx
 from rapc.judge import Protocol, final_protocol, judge_loader
 from rapc.modelio import load_model, read_architecture
+from rapc.pipeline.trainer import test_loader
 from rapc.measure import summary
 from rapc.progress import Reporter
 from rapc.rundir import atomic_write
@@ -41,7 +43,7 @@ class TestData:
     @classmethod
     def make(cls, cfg: Config) -> TestData:
         splits = load_data(cfg.data, cfg.seed)
-        test = loader(head(splits.test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False)
+        test = test_loader(cfg, splits, resolve_device(cfg.device))
         return cls(test, next(iter(test))[0][:64], splits.info.num_classes)
 
 

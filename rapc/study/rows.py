@@ -47,21 +47,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from rapc.config import Config, validate
-from rapc.data import Splits, load_data
+from rapc.config import Config, TargetConfig, updated
+from rapc.measure import macs_and_params
 from rapc.modelio import Architecture, load_model, read_architecture, save_model
-from rapc.device import resolve_device, seed_everything
-from rapc.pipeline.compress import compress, resume
-from rapc.pipeline.distributed import Ranks
+from rapc.pipeline.compress import resume_training, train
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import MaskSet, hard_prune
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
-from rapc.pipeline.speed import training_module
-from rapc.pipeline.trainer import RunData, Trainer, eps_epochs
+from rapc.pipeline.parts import RunParts
+from rapc.pipeline.trainer import eps_epochs
 from rapc.progress import Reporter
 from rapc.registry import Registry
-from rapc.rundir import RunDir, RunPaths, open_run
+from rapc.rundir import RunDir, RunPaths
 
 MODEL = "model"  # the final model's directory inside a row's directory (the rapc row's is its run's compressed/)
 
@@ -155,14 +153,13 @@ def budget(cfg: Config) -> int:
     return stages.pretrain.epochs + stages.admm.epochs + stages.retrain.epochs
 
 
-def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, masks: MaskSet | None = None, *,
+def _train(cell: Cell, directory: Path, model: nn.Module, parts: RunParts, masks: MaskSet | None = None, *,
            pretrain: bool = True, after_pretraining: bool = True) -> None:
     """``model`` trained through the pretraining stage's recipe, then the ADMM and retraining stages' (without
     ADMM's penalty), or only one of the two parts; checkpointed in ``directory`` (an interrupted row continues).
     With ``masks``, masked training that keeps their zeros."""
-    cfg, device = cell.cfg, next(model.parameters()).device
-    trainer = Trainer(cfg, model, device, RunDir(directory), data.train, data.val, data.guard_batch, cell.reporter,
-                      train_model=training_module(model, cfg, device, Ranks()))
+    cfg = parts.cfg
+    trainer = parts.trainer(model, RunDir(directory), cell.reporter)
     hooks = masks.hooks() if masks is not None else Hooks()
     if pretrain:
         trainer.stage("pretrain", cfg.stages.pretrain, hooks, extra=masks)
@@ -171,27 +168,18 @@ def _train(cell: Cell, directory: Path, model: nn.Module, data: RunData, masks: 
     model.eval().to(memory_format=torch.contiguous_format)  # after channels_last training: files and the shrink use NCHW
 
 
-def _to_dense_init(cfg: Config) -> Splits:
-    """Seed and draw as ``rapc compress`` does before it initialises the dense model; the next draws are that init."""
-    seed_everything(cfg.seed)
-    return load_data(cfg.data, cfg.seed)
-
-
 def _dense(cell: Cell, directory: Path, cfg: Config, recipe: str) -> Trained:
-    device = resolve_device(cfg.device)
-    splits = _to_dense_init(cfg)
-    architecture = Architecture.for_data(cfg.model, splits.info)
-    model = architecture.build(allow_import=cfg.model.allow_import).to(device)
-    _train(replace(cell, cfg=cfg), directory, model, RunData.make(cfg, splits, device), after_pretraining=False)
-    save_model(model, architecture, directory / MODEL)
+    parts = RunParts.start(cfg)
+    model = parts.fresh_model()
+    _train(cell, directory, model, parts, after_pretraining=False)
+    save_model(model, parts.architecture, directory / MODEL)
     return Trained(phases(cfg, "pretrain"), recipe)
 
 
 def _natural(cfg: Config) -> Config:
     """``cfg`` with its training attack off: every epoch on clean inputs."""
-    data = cfg.model_dump(mode="json")
-    data["attack"]["train"]["method"] = "none"
-    return validate(data, "the naturally trained dense model")
+    source = "the naturally trained dense model"
+    return updated(cfg, source, attack=updated(cfg.attack, source, train=updated(cfg.attack.train, source, method="none")))
 
 
 @DENSE.register("dense-robust")
@@ -210,28 +198,27 @@ def matched_dense(cell: Cell, directory: Path) -> Trained:
     the dense model with the compressed rows' schedule and full-eps epochs."""
     cfg = cell.cfg
     base = cell.model_of("dense-robust")
-    model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
-    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device),
-           pretrain=False)
+    parts = RunParts.start(cfg)
+    model = parts.saved_model(base)
+    _train(cell, directory, model, parts, pretrain=False)
     save_model(model, read_architecture(base), directory / MODEL)
     return Trained(phases(cfg, "pretrain", shared=True) + phases(cfg, *AFTER_PRETRAINING),
                    "dense-robust -> the ADMM and retraining stages' recipes, unpruned (rapc compress's budget-matched dense control)")
 
 
-def _pipeline_row(cell: Cell, directory: Path, name: str, edit: Callable[[dict], None]) -> None:
-    """``rapc compress`` from dense-robust, after pretraining (the shared robust dense model is its pretraining
-    stage), with the config edited by ``edit``; a row started before is continued or only re-read."""
-    data = cell.cfg.model_dump(mode="json")
-    data["stages"]["start_from"] = str(cell.model_of("dense-robust"))
-    data["stages"]["pretrain"]["epochs"] = 0
-    data["stages"]["dense_control"] = False  # the study trains its own dense rows
-    data["stages"]["check_start"] = False  # dense-robust is measured as a row of its own
-    edit(data)
-    cfg = validate(data, f"{name} row of {cell.ratio:g}x {cell.scheme}")
+def _pipeline_row(cell: Cell, directory: Path, name: str, **changes: Any) -> None:
+    """``rapc compress``'s training from dense-robust, after pretraining (the shared robust dense model is its
+    pretraining stage), with the config's parts in ``changes`` replaced; a row started before is continued or left
+    as it is. The study judges the row's compressed model as it judges every row: compress's own judge is not run."""
+    cfg, source = cell.cfg, f"{name} row of {cell.ratio:g}x {cell.scheme}"
+    stages = updated(cfg.stages, source, start_from=str(cell.model_of("dense-robust")),
+                     pretrain=updated(cfg.stages.pretrain, source, epochs=0),
+                     dense_control=False,  # the study trains its own dense rows
+                     check_start=False)  # dense-robust is measured as a row of its own
     if RunPaths(directory).config_path.is_file():
-        resume(directory, cell.reporter)
+        resume_training(directory, cell.reporter)
     else:
-        compress(cfg, directory, cell.reporter)
+        train(updated(cfg, source, stages=stages, **changes), directory, cell.reporter)
 
 
 def _pipeline_trained(cell: Cell, recipe: str) -> Trained:
@@ -243,10 +230,7 @@ DISTILL_WEIGHT = 1.0  # the rapc+distill row's weight when the config leaves dis
 
 @ROWS.register("rapc", marker="o", summary="the pipeline")
 def rapc_row(cell: Cell, directory: Path) -> Trained:
-    def without_distillation(data: dict) -> None:
-        data["distill"]["weight"] = 0.0
-
-    _pipeline_row(cell, directory, "rapc", without_distillation)
+    _pipeline_row(cell, directory, "rapc", distill=updated(cell.cfg.distill, weight=0.0))
     return _pipeline_trained(cell, "dense-robust -> adversarial ADMM -> hard prune -> masked adversarial retraining -> shrink")
 
 
@@ -254,10 +238,7 @@ def rapc_row(cell: Cell, directory: Path) -> Trained:
 def rapc_distill_row(cell: Cell, directory: Path) -> Trained:
     weight = cell.cfg.distill.weight or DISTILL_WEIGHT
 
-    def with_distillation(data: dict) -> None:
-        data["distill"]["weight"] = weight
-
-    _pipeline_row(cell, directory, "rapc+distill", with_distillation)
+    _pipeline_row(cell, directory, "rapc+distill", distill=updated(cell.cfg.distill, weight=weight))
     return _pipeline_trained(cell, f"rapc's pipeline, its loss plus {weight:g} x T^2 x KL(dense-robust || student) at "
                                    f"T={cell.cfg.distill.temperature:g} on the student's adversarial examples (ADMM and retraining)")
 
@@ -266,30 +247,31 @@ def rapc_distill_row(cell: Cell, directory: Path) -> Trained:
 def rapc_sensitivity_row(cell: Cell, directory: Path) -> Trained:
     """The rapc row's budget spent otherwise: the same fraction of the dense MACs, as pruning.target,
     allocated over layers by their adversarial-loss sensitivity instead of one ratio per layer."""
-    summary = open_run(cell.model_of("rapc").parent).summary()
-    fraction = summary["compressed"]["macs"] / summary["dense"]["macs"]
+    fraction = _macs(cell.model_of("rapc"), cell.cfg) / _macs(cell.model_of("dense-robust"), cell.cfg)
 
-    def at_the_rapc_rows_macs(data: dict) -> None:
-        data["distill"]["weight"] = 0.0
-        data["pruning"]["target"] = {"macs": fraction}
-        data["pruning"]["allocation"] = "sensitivity"
-
-    _pipeline_row(cell, directory, "rapc-sensitivity", at_the_rapc_rows_macs)
+    pruning = updated(cell.cfg.pruning, target=TargetConfig(macs=fraction), allocation="sensitivity")
+    _pipeline_row(cell, directory, "rapc-sensitivity", distill=updated(cell.cfg.distill, weight=0.0), pruning=pruning)
     return _pipeline_trained(cell, f"rapc's pipeline to {fraction:.3f} of the dense MACs (the rapc row's), per-layer ratios "
                                    f"allocated by adversarial-loss sensitivity")
 
 
-def initial_shrunk(cfg: Config, shrunk: Architecture, device: torch.device, fresh: bool) -> nn.Module:
+def _macs(model_dir: Path, cfg: Config) -> int:
+    """Multiply-accumulates per image of the saved model in ``model_dir``."""
+    example = torch.zeros(1, *read_architecture(model_dir).input_shape)
+    return macs_and_params(load_model(model_dir, allow_import=cfg.model.allow_import), example)[0]
+
+
+def initial_shrunk(cfg: Config, shrunk: Architecture, fresh: bool, device: torch.device | None = None) -> tuple[RunParts, nn.Module]:
     """rapc's shrunk architecture, initialised with the dense init's weights of the channels rapc kept
-    (torch-pruning replays rapc's removals on that init), or ``fresh`` for its own small shapes."""
-    _to_dense_init(cfg)
-    model = shrunk.build(allow_import=cfg.model.allow_import).to(device)
+    (torch-pruning replays rapc's removals on that init), or ``fresh`` for its own small shapes; and the run's parts."""
+    parts = RunParts.start(cfg, device)
+    model = parts.fresh_model(shrunk)
     if fresh:
         torch.manual_seed(cfg.seed + 1)
         for module in model.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    return model
+    return parts, model
 
 
 def _zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -303,11 +285,11 @@ def _from_init(cell: Cell, directory: Path, fresh: bool, recipe: str) -> Trained
     """rapc's shrunk architecture and zeros, trained adversarially through all three stages' recipes from an initialisation."""
     cfg = cell.cfg
     rapc = cell.model_of("rapc")
-    shrunk, device = read_architecture(rapc), resolve_device(cfg.device)
-    model = initial_shrunk(cfg, shrunk, device, fresh)
+    shrunk = read_architecture(rapc)
+    parts, model = initial_shrunk(cfg, shrunk, fresh)
     masks = MaskSet(model, _zero_pattern(load_model(rapc, allow_import=cfg.model.allow_import)))
     masks.apply()
-    _train(cell, directory, model, RunData.make(cfg, load_data(cfg.data, cfg.seed), device), masks)
+    _train(cell, directory, model, parts, masks)
     save_model(model, shrunk, directory / MODEL)
     return Trained(phases(cfg, "pretrain", *AFTER_PRETRAINING), recipe)
 
@@ -330,11 +312,12 @@ def _pruned_and_finetuned(cell: Cell, directory: Path, dense: str, pretrain: boo
     stages' recipes after pretraining (and the pretraining stage's first if ``pretrain``), shrunk."""
     cfg = cell.cfg
     base = cell.model_of(dense)
-    model = load_model(base, allow_import=cfg.model.allow_import).to(resolve_device(cfg.device)).train()
-    data = RunData.make(cfg, load_data(cfg.data, cfg.seed), next(model.parameters()).device)
-    masks = hard_prune(model, Projector(model, data.example, cfg.pruning))
-    _train(cell, directory, model, data, masks, pretrain=pretrain)
-    result = shrink(model, data.example, cfg.shrink)
+    parts = RunParts.start(cfg)
+    model = parts.saved_model(base)
+    example = parts.data().example
+    masks = hard_prune(model, Projector(model, example, cfg.pruning))
+    _train(cell, directory, model, parts, masks, pretrain=pretrain)
+    result = shrink(model, example, cfg.shrink)
     save_model(result.model, replace(read_architecture(base), pruning_history=result.history), directory / MODEL)
 
 

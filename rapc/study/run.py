@@ -35,7 +35,7 @@ import yaml
 from rapc.bench.backends import BACKENDS
 from rapc.bench.latency import TimingPolicy
 from rapc.bench.run import machine
-from rapc.config import Config, dump_config, validate
+from rapc.config import Config, dump_config, updated, validate
 from rapc.device import resolve_device
 from rapc.errors import RapcError
 from rapc.pipeline.projection import check_schemes
@@ -86,10 +86,8 @@ def cell_config(cfg: Config, ratio: float, scheme: str) -> Config:
     """``cfg`` with its pruning scheme and ratio (fraction pruned, 1 - 1/ratio) set for one cell."""
     if not ratio > 1:
         raise RapcError(f"--ratios: {ratio:g} is not a compression factor; use factors above 1 such as 2,4 (4 keeps a quarter)")
-    data = cfg.model_dump(mode="json")
-    data["pruning"] |= {"scheme": scheme, "ratio": 1 - 1 / ratio}
     source = f"study cell {ratio:g}x {scheme}"
-    cell = validate(data, source)
+    cell = updated(cfg, source, pruning=updated(cfg.pruning, source, scheme=scheme, ratio=1 - 1 / ratio))
     check_schemes(cell.pruning, source)
     return cell
 

@@ -314,7 +314,7 @@ def test_a_run_killed_in_its_final_judge_resumes_without_judging_again_what_it_h
     monkeypatch.setattr(judge, "judge_loader", lambda *a, **k: judged.append(k["title"]) or judge_loader(*a, **k))
     result = CliRunner().invoke(main, ["compress", "--resume", str(out)])
     assert result.exit_code == 0, result.stderr
-    assert judged == ["compressed"] and "dense: reused the judgement this run saved before it was interrupted" in result.stderr
+    assert judged == ["compressed"] and "dense: reused the judgement this run saved before" in result.stderr
     summary, expected = (json.loads((run / "summary.json").read_text()) for run in (out, reference))
     assert summary["dense"]["judge"] == expected["dense"]["judge"]  # the saved verdict itself, its seconds too
     figures = [[(a["label"], a["n"], a["accuracy"]) for a in run["compressed"]["judge"]["attacks"]] for run in (summary, expected)]
