@@ -18,7 +18,7 @@ from rapc.config import DEFAULT_PRESET, TARGET_METRICS, WEIGHTS_SUFFIXES, Config
 from rapc.errors import RapcError
 from rapc.export.precision import PRECISIONS
 from rapc.export.tensorrt import DEFAULT_RTX_TARGET, RTX_TARGETS
-from rapc.pipeline.schemes import SCHEMES
+from rapc.schemes import SCHEMES
 from rapc.progress import RichReporter, log_console
 from rapc.rundir import RunPaths
 from rapc.study import ROWS, StudyOptions
@@ -153,7 +153,6 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
     from rapc.bench.latency import latency_cost
     from rapc.pipeline.compress import compress as run_compress, resume
     from rapc.pipeline.distributed import env_rank, rapc_command
-    from rapc.pipeline.projection import check_schemes
     from rapc.rundir import open_run
 
     if resume_run is not None:
@@ -169,7 +168,6 @@ def compress(config: str | None, overrides: tuple[str, ...], out: str | None, re
                 raise RapcError("--backend and --batch say where a latency target is measured; give one with --target latency=F")
             cfg = load_config(config, (*flags, *_latency_measurement(backend, batch), *overrides))
         out = out or str(Path("runs") / Path(config or DEFAULT_PRESET).stem)
-    check_schemes(cfg.pruning)
     if cfg.pruning.target is not None and cfg.pruning.target.metric == "latency":  # an unknown backend fails now, not after pretraining
         try:
             BACKENDS.get(cfg.pruning.target.backend)

@@ -9,12 +9,13 @@ the key.
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Mapping
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rapc.errors import RapcError
 
@@ -219,10 +220,20 @@ class StagesConfig(Strict):
         return self.dense_control if self.dense_control is not None else not self.weights_file
 
 
-# A registered pruning scheme's name. The registry (rapc.pipeline.schemes.SCHEMES) is the only list of
-# them; this core module cannot import it, so the names are checked at the edge, before any work
-# (rapc.pipeline.projection.check_schemes: by `rapc compress`, the study's cells and the projector).
-Scheme = Annotated[str, Field(description="the name of a registered pruning scheme")]
+def _registered(name: str) -> str:
+    """A scheme name is checked against the registry (rapc.schemes.SCHEMES, the only list of them) when the
+    config is read, so every command refuses a misspelt one before any work. Imported here, not at the top:
+    the mask functions' options take a PruningConfig."""
+    from rapc.schemes import SCHEMES
+
+    try:
+        SCHEMES.get(name)
+    except RapcError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
+
+Scheme = Annotated[str, AfterValidator(_registered), Field(description="the name of a registered pruning scheme")]
 
 
 class LayerRule(Strict):
@@ -407,7 +418,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) or (isinstance(value, str) and repr(value) in error["msg"]) else f" (got {value!r})"
     return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
 
 
@@ -429,12 +440,20 @@ Section = TypeVar("Section", bound=BaseModel)
 
 def updated(section: Section, source: str = "config", **changes: Any) -> Section:
     """``section`` (the config or one of its parts) with ``changes``, validated as a file's values are:
-    ``model_copy(update=...)`` alone would take a bad value on trust. A part changed inside a
-    change is given whole, itself ``updated``: ``updated(cfg, pruning=updated(cfg.pruning, ratio=0.75))``."""
+    ``model_copy(update=...)`` alone would take a bad value on trust. A part is changed by a mapping of
+    its own fields, ``updated(cfg, pruning={"ratio": 0.75})``, so that an error names the full key."""
     try:
-        return type(section).model_validate({**dict(section), **changes})
+        return type(section).model_validate(_merged(section, changes))
     except ValidationError as exc:
         raise _invalid(exc, source) from None
+
+
+def _merged(section: BaseModel, changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(section)
+    for key, value in changes.items():
+        current = out.get(key)
+        out[key] = _merged(current, value) if isinstance(current, BaseModel) and isinstance(value, Mapping) else value
+    return out
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

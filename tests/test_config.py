@@ -108,10 +108,13 @@ def test_presets_ship_inside_a_plain_wheel(tmp_path):
 
 def test_updated_validates_a_change_as_a_files_value_and_names_its_source():
     cfg = load_config("digits-lenet-filter")
-    cell = updated(cfg, "a cell", pruning=updated(cfg.pruning, "a cell", scheme="column", ratio=0.75))
+    cell = updated(cfg, "a cell", pruning={"scheme": "column", "ratio": 0.75})
     assert (cell.pruning.scheme, cell.pruning.ratio) == ("column", 0.75) and cfg.pruning.ratio != 0.75
-    assert updated(cfg) == cfg and cell.stages == cfg.stages
-    with pytest.raises(RapcError, match=r"^a cell: ratio: Input should be less than 1 \(got 2.0\)"):
-        updated(cfg.pruning, "a cell", ratio=2.0)
-    with pytest.raises(RapcError, match="a cell: ratios: unknown key"):
-        updated(cfg.pruning, "a cell", ratios=0.5)
+    assert updated(cfg) == cfg and cell.stages == cfg.stages and cell.pruning.layers == cfg.pruning.layers
+    assert updated(cfg, pruning={"target": {"macs": 0.5}}).pruning.target.macs == 0.5  # a part that was None
+    with pytest.raises(RapcError, match=r"^a cell: pruning.ratio: Input should be less than 1 \(got 2.0\)"):
+        updated(cfg, "a cell", pruning={"ratio": 2.0})
+    with pytest.raises(RapcError, match="a cell: pruning.ratios: unknown key"):
+        updated(cfg, "a cell", pruning={"ratios": 0.5})
+    with pytest.raises(RapcError, match="a cell: scheme: unknown pruning scheme 'diagonal'; known: filter"):
+        updated(cfg.pruning, "a cell", scheme="diagonal")

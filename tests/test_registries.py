@@ -21,8 +21,8 @@ from rapc.data import DATASETS, DatasetInfo, Splits, load_data
 from rapc.errors import RapcError
 from rapc.modelio import Architecture
 from rapc.models import MODELS
-from rapc.pipeline.projection import Projector, check_schemes
-from rapc.pipeline.schemes import SCHEMES
+from rapc.pipeline.projection import Projector
+from rapc.schemes import SCHEMES
 from rapc.registry import Registry
 from rapc.study import DEFAULT_ROWS, ROWS, StudyOptions
 from rapc.study.report import _marker
@@ -77,7 +77,6 @@ def test_what_is_given_at_registration_is_read_back_beside_the_entry():
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_every_registered_scheme_passes_config_validation_and_projects_a_lenet(name):
     cfg = load_config("digits-lenet-filter", [f"pruning.scheme={name}", f"pruning.layers=[{{pattern: fc1, scheme: {name}}}]"])
-    check_schemes(cfg.pruning)
     model = _lenet()
     projector = Projector(model, torch.rand(4, 1, 8, 8), cfg.pruning)
     assert projector.targets, projector.notes
@@ -90,19 +89,17 @@ def test_every_registered_scheme_passes_config_validation_and_projects_a_lenet(n
     ("pruning.scheme", ["pruning.scheme=diagonal"]),
     ("pruning.layers.1.scheme", ["pruning.layers=[{pattern: conv1, scheme: filter}, {pattern: 'conv*', scheme: diagonal}]"]),
 ])
-def test_an_unregistered_scheme_is_rejected_naming_the_key_and_every_registered_scheme(key, overrides):
-    cfg = load_config("digits-lenet-filter", overrides)  # a name, checked at the edge: config.py cannot read the registry
-    with pytest.raises(RapcError) as info:
-        check_schemes(cfg.pruning)
-    assert str(info.value) == f"{key}: unknown pruning scheme 'diagonal'; known: {', '.join(SCHEMES)}"
-    with pytest.raises(RapcError, match=key):
-        Projector(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), torch.rand(2, 1, 8, 8), cfg.pruning)
+def test_an_unregistered_scheme_is_rejected_by_the_config_naming_the_key_and_every_registered_scheme(key, overrides):
+    with pytest.raises(RapcError) as info:  # validated once, where the config is read: every command refuses it
+        load_config("digits-lenet-filter", overrides)
+    assert str(info.value) == f"preset digits-lenet-filter: {key}: unknown pruning scheme 'diagonal'; known: {', '.join(SCHEMES)}"
 
 
 def test_the_commands_check_scheme_names_before_any_work(tmp_path, digits_cfg):
     result = CliRunner().invoke(main, ["compress", "-c", "digits-lenet-filter", "--set", "pruning.scheme=diagonal", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
-    assert result.stderr.strip() == f"error: pruning.scheme: unknown pruning scheme 'diagonal'; known: {', '.join(SCHEMES)}"
+    assert result.stderr.strip() == (f"error: preset digits-lenet-filter: pruning.scheme: unknown pruning scheme 'diagonal'; "
+                                     f"known: {', '.join(SCHEMES)}")
     with pytest.raises(RapcError, match="study cell 2x diagonal: pruning.scheme: unknown pruning scheme 'diagonal'"):
         cell_config(digits_cfg, 2.0, "diagonal")
     for name in SCHEMES:

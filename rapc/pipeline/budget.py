@@ -17,7 +17,8 @@ from torch import nn
 from rapc.config import Config, PruningConfig, TargetConfig
 from rapc.data import Splits, first
 from rapc.errors import RapcError
-from rapc.pipeline.allocation import Allocation, Cost, allocate, metric_cost, plot_sensitivity
+from rapc.pipeline.allocation import Allocation, Cost, allocate, metric_cost
+from rapc.pipeline.allocation_plot import plot_sensitivity
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.sensitivity import sensitivity
 from rapc.progress import Reporter

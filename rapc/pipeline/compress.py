@@ -24,7 +24,7 @@ from rapc.pipeline.distill import distillation
 from rapc.pipeline.distributed import Ranks, env_rank, session
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import hard_prune
-from rapc.pipeline.projection import Projector, check_schemes
+from rapc.pipeline.projection import Projector
 from rapc.pipeline.report import Summary, Trained, admm_warning, finished, report
 from rapc.pipeline.shrink import shrink
 from rapc.pipeline.speed import training_module
@@ -64,7 +64,6 @@ def train(cfg: Config, out: str | Path, reporter: Reporter | None = None, latenc
 
     Under torchrun every rank calls this; rank 0 returns the run directory, the others None.
     """
-    check_schemes(cfg.pruning)  # a misspelt scheme fails now, not after pretraining
     check_start_from(cfg)
     with session(resolve_device(cfg.device)) as (ranks, device):
         ranks.from_main(lambda: RunDir(out).start(cfg))

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from rapc.config import PruningConfig
-from rapc.errors import RapcError
 from rapc.graph import PRUNABLE, build_graph
 from rapc.pipeline.coupling import ChannelGroup, Slot, channel_groups, check_supported, output_layers
-from rapc.pipeline.schemes import SCHEMES, Unfit, n_keep, top_mask
+from rapc.schemes import SCHEMES, Unfit, n_keep, top_mask
 
 Masks = dict[str, torch.Tensor]
 
@@ -30,22 +29,6 @@ Masks = dict[str, torch.Tensor]
 class LayerPlan:
     scheme: str
     ratio: float
-
-
-def check_schemes(cfg: PruningConfig, source: str = "") -> None:
-    """Every scheme the config names is registered, or a RapcError naming the key and the known schemes.
-
-    The config holds scheme names as plain strings: config.py is a core module and cannot read the
-    registry, which is filled where the mask functions live, here in the pipeline. So the names are
-    checked at the edge, before any work: by `rapc compress`, by the study's cells and by the projector.
-    """
-    named = [("pruning.scheme", cfg.scheme)]
-    named += [(f"pruning.layers.{i}.scheme", rule.scheme) for i, rule in enumerate(cfg.layers) if rule.scheme is not None]
-    for key, name in named:
-        try:
-            SCHEMES.get(name)
-        except RapcError as exc:
-            raise RapcError(f"{source + ': ' if source else ''}{key}: {exc}") from None
 
 
 def channels(scheme: str) -> str | None:
@@ -61,7 +44,6 @@ def scheme_options(scheme: str, cfg: PruningConfig) -> dict[str, Any]:
 
 def layer_plans(model: nn.Module, cfg: PruningConfig) -> dict[str, LayerPlan]:
     """Scheme and ratio per prunable layer: the default, then every matching rule in order; keep_dense wins."""
-    check_schemes(cfg)
     plans = {}
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE) or any(fnmatch(name, p) for p in cfg.keep_dense):

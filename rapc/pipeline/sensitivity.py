@@ -20,7 +20,7 @@ from rapc.attacks import perturb
 from rapc.config import AttackConfig, PruningConfig
 from rapc.pipeline.masks import MaskSet
 from rapc.pipeline.projection import GroupUnit, LayerUnit, Projector, layer_plans
-from rapc.pipeline.schemes import n_keep, widths as group_widths
+from rapc.schemes import n_keep, widths as group_widths
 from rapc.progress import Reporter, SilentReporter
 
 # How far a unit pruned per layer (irregular, column, nm, or channels of the network input) is taken.

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rapc.config import Config, TargetConfig, updated
+from rapc.config import Config, updated
 from rapc.measure import macs_and_params
 from rapc.modelio import Architecture, load_model, read_architecture, save_model
 from rapc.pipeline.compress import resume_training, train
@@ -178,8 +178,7 @@ def _dense(cell: Cell, directory: Path, cfg: Config, recipe: str) -> Trained:
 
 def _natural(cfg: Config) -> Config:
     """``cfg`` with its training attack off: every epoch on clean inputs."""
-    source = "the naturally trained dense model"
-    return updated(cfg, source, attack=updated(cfg.attack, source, train=updated(cfg.attack.train, source, method="none")))
+    return updated(cfg, "the naturally trained dense model", attack={"train": {"method": "none"}})
 
 
 @DENSE.register("dense-robust")
@@ -208,17 +207,15 @@ def matched_dense(cell: Cell, directory: Path) -> Trained:
 
 def _pipeline_row(cell: Cell, directory: Path, name: str, **changes: Any) -> None:
     """``rapc compress``'s training from dense-robust, after pretraining (the shared robust dense model is its
-    pretraining stage), with the config's parts in ``changes`` replaced; a row started before is continued or left
-    as it is. The study judges the row's compressed model as it judges every row: compress's own judge is not run."""
-    cfg, source = cell.cfg, f"{name} row of {cell.ratio:g}x {cell.scheme}"
-    stages = updated(cfg.stages, source, start_from=str(cell.model_of("dense-robust")),
-                     pretrain=updated(cfg.stages.pretrain, source, epochs=0),
-                     dense_control=False,  # the study trains its own dense rows
-                     check_start=False)  # dense-robust is measured as a row of its own
+    pretraining stage), with the config changed by ``changes`` (config.updated); a row started before is continued
+    or left as it is. The study judges the row's compressed model as it judges every row: compress's own judge is not run."""
+    stages = {"start_from": str(cell.model_of("dense-robust")), "pretrain": {"epochs": 0},
+              "dense_control": False,  # the study trains its own dense rows
+              "check_start": False}  # dense-robust is measured as a row of its own
     if RunPaths(directory).config_path.is_file():
         resume_training(directory, cell.reporter)
     else:
-        train(updated(cfg, source, stages=stages, **changes), directory, cell.reporter)
+        train(updated(cell.cfg, f"{name} row of {cell.ratio:g}x {cell.scheme}", stages=stages, **changes), directory, cell.reporter)
 
 
 def _pipeline_trained(cell: Cell, recipe: str) -> Trained:
@@ -230,7 +227,7 @@ DISTILL_WEIGHT = 1.0  # the rapc+distill row's weight when the config leaves dis
 
 @ROWS.register("rapc", marker="o", summary="the pipeline")
 def rapc_row(cell: Cell, directory: Path) -> Trained:
-    _pipeline_row(cell, directory, "rapc", distill=updated(cell.cfg.distill, weight=0.0))
+    _pipeline_row(cell, directory, "rapc", distill={"weight": 0.0})
     return _pipeline_trained(cell, "dense-robust -> adversarial ADMM -> hard prune -> masked adversarial retraining -> shrink")
 
 
@@ -238,7 +235,7 @@ def rapc_row(cell: Cell, directory: Path) -> Trained:
 def rapc_distill_row(cell: Cell, directory: Path) -> Trained:
     weight = cell.cfg.distill.weight or DISTILL_WEIGHT
 
-    _pipeline_row(cell, directory, "rapc+distill", distill=updated(cell.cfg.distill, weight=weight))
+    _pipeline_row(cell, directory, "rapc+distill", distill={"weight": weight})
     return _pipeline_trained(cell, f"rapc's pipeline, its loss plus {weight:g} x T^2 x KL(dense-robust || student) at "
                                    f"T={cell.cfg.distill.temperature:g} on the student's adversarial examples (ADMM and retraining)")
 
@@ -249,8 +246,8 @@ def rapc_sensitivity_row(cell: Cell, directory: Path) -> Trained:
     allocated over layers by their adversarial-loss sensitivity instead of one ratio per layer."""
     fraction = _macs(cell.model_of("rapc"), cell.cfg) / _macs(cell.model_of("dense-robust"), cell.cfg)
 
-    pruning = updated(cell.cfg.pruning, target=TargetConfig(macs=fraction), allocation="sensitivity")
-    _pipeline_row(cell, directory, "rapc-sensitivity", distill=updated(cell.cfg.distill, weight=0.0), pruning=pruning)
+    _pipeline_row(cell, directory, "rapc-sensitivity", distill={"weight": 0.0},
+                  pruning={"target": {"macs": fraction}, "allocation": "sensitivity"})
     return _pipeline_trained(cell, f"rapc's pipeline to {fraction:.3f} of the dense MACs (the rapc row's), per-layer ratios "
                                    f"allocated by adversarial-loss sensitivity")
 

@@ -8,7 +8,7 @@ from rapc.pipeline.admm import HARD_PRUNE_LOSS, AdmmState, unconverged
 from rapc.pipeline.compress import compress
 from rapc.pipeline.loop import Hooks, Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.projection import Projector
-from rapc.pipeline.schemes import filter_mask
+from rapc.schemes import filter_mask
 from rapc.progress import SilentReporter
 
 

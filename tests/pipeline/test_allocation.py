@@ -18,7 +18,8 @@ from rapc.data import load_data, loader
 from rapc.measure import macs_and_params
 from rapc.modelio import Architecture
 from rapc.models import create_model
-from rapc.pipeline.allocation import TOLERANCE, Allocation, allocate, metric_cost, plot_sensitivity, shrunk_cost
+from rapc.pipeline.allocation import TOLERANCE, Allocation, allocate, metric_cost, shrunk_cost
+from rapc.pipeline.allocation_plot import plot_sensitivity
 from rapc.pipeline.masks import hard_prune
 from rapc.pipeline.projection import Projector, layer_plans
 from rapc.pipeline.sensitivity import Sensitivity, sensitivity

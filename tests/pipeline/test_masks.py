@@ -5,7 +5,7 @@ from rapc.config import AttackConfig, OptimizerConfig, ScheduleConfig
 from rapc.data import loader
 from rapc.pipeline.loop import Step, make_optimizer, make_schedule, train_epoch
 from rapc.pipeline.masks import MaskSet
-from rapc.pipeline.schemes import irregular_mask
+from rapc.schemes import irregular_mask
 
 
 @pytest.mark.parametrize(

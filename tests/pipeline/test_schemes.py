@@ -1,4 +1,4 @@
-"""Property tests for the pruning projections in rapc.pipeline.schemes.
+"""Property tests for the pruning projections in rapc.schemes.
 
 Every expectation is computed here from the weight itself (norms in float64,
 structure read off the mask), never by calling the scheme's own scoring helpers.
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapc.errors import RapcError
-from rapc.pipeline.schemes import SCHEMES, channel_mask, column_mask, filter_mask, irregular_mask, n_keep, nm_mask, top_mask, widths
+from rapc.schemes import SCHEMES, channel_mask, column_mask, filter_mask, irregular_mask, n_keep, nm_mask, top_mask, widths
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

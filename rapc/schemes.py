@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rapc.config import PruningConfig
 from rapc.registry import Registry
+
+if TYPE_CHECKING:  # config.py validates scheme names against SCHEMES, so it imports this module, not the reverse
+    from rapc.config import PruningConfig
 
 Scheme = Callable[..., torch.Tensor]
 SCHEMES: Registry[Scheme] = Registry("pruning scheme")
