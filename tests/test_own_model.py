@@ -202,7 +202,7 @@ def test_export_and_bench_run_on_a_run_of_the_users_own_model(user, pt_run):
     assert export.returncode == 0, export.stderr
     assert (out / "export" / "compressed.onnx").is_file()
     bench = _rapc("bench", str(out), "--backends", "torch-eager,ort-cpu", "--batch-sizes", "1", "--n-eval", "40",
-                  "--n-ensemble", "10", "--min-seconds", "0.05", folder=folder)
+                  "--n-ensemble", "10", "--n-square", "5", "--min-seconds", "0.05", folder=folder)  # Square itself: test_blackbox.py
     assert bench.returncode == 0, bench.stderr
     assert (out / "bench" / "bench.json").is_file()
 
