@@ -64,12 +64,13 @@ import torch
 
 from rapc import judge
 from rapc.config import DEFAULT_PRESET, Config, StageConfig, load_config, validate
-from rapc.data import head, load_data, loader
+from rapc.data import load_data
 from rapc.device import resolve_device
 from rapc.errors import RapcError
 from rapc.modelio import load_model
 from rapc.pipeline.compress import compress, resume
 from rapc.pipeline.report import Summary
+from rapc.pipeline.trainer import test_loader
 from rapc.progress import Reporter, RichReporter, log_console
 from rapc.rundir import RunPaths, atomic_write
 from rapc.tables import Table
@@ -237,8 +238,9 @@ def judge_compressed(point: Point, reporter: Reporter) -> dict[str, Any]:
     """The judge's final figures for the point's compressed model on the first n test images: what
     compress() reports for it with eval.n_ensemble=n (the same loader, protocol and seed)."""
     cfg = point.config
-    model = load_model(RunPaths(point.directory).compressed).to(resolve_device(cfg.device))
-    test = loader(head(load_data(cfg.data, cfg.seed).test, cfg.eval.n_test), cfg.data.eval_batch_size, shuffle=False)
+    device = resolve_device(cfg.device)
+    model = load_model(RunPaths(point.directory).compressed).to(device)
+    test = test_loader(cfg, load_data(cfg.data, cfg.seed), device)
     protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_test, seed=cfg.seed)
     return judge.judge_loader(model, test, protocol, reporter=reporter, title=f"{point.name} compressed").to_dict()
 

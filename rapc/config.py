@@ -9,8 +9,8 @@ the key.
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Mapping
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 

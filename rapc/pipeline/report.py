@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rapc import judge, judgement
-from rapc.config import Config
+from rapc.config import Config, updated
 from rapc.data import load_data
 from rapc.device import resolve_device
 from rapc.errors import RapcError
@@ -105,14 +105,15 @@ def report(out: str | Path, reporter: Reporter | None = None, n_ensemble: int | 
         raise RapcError(f"{out} has not finished training; `rapc compress --resume {out}` finishes it")
     cfg = run.config()
     if n_ensemble is not None:
-        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"n_ensemble": n_ensemble})})
+        cfg = updated(cfg, "--n-ensemble", eval={"n_ensemble": n_ensemble})
     device = resolve_device(cfg.device)
     test = test_loader(cfg, load_data(cfg.data, cfg.seed), device)
-    example = next(iter(test))[0][:64].to(device)
+    images, labels = (torch.cat(parts) for parts in zip(*test))  # what a saved verdict is checked against
+    example = images[:64].to(device)
     figures, seconds = {}, 0.0
     for name, directory in run.models().items():
         model = load_model(directory, allow_import=cfg.model.allow_import).to(device)
-        verdict, judged_in = _verdict(model, name, run, test, cfg, reporter)
+        verdict, judged_in = _verdict(model, name, run, test, images, labels, cfg, reporter)
         seconds += judged_in
         figures[name] = summary(model, example) | {
             "file_bytes": (directory / WEIGHTS).stat().st_size, "clean": verdict.clean.accuracy, "pgd": verdict["pgd"].accuracy,
@@ -131,8 +132,8 @@ def report(out: str | Path, reporter: Reporter | None = None, n_ensemble: int | 
     return result
 
 
-def _verdict(model: nn.Module, name: str, run: RunDir, test: DataLoader, cfg: Config,
-             reporter: Reporter) -> tuple[judge.Verdict, float]:
+def _verdict(model: nn.Module, name: str, run: RunDir, test: DataLoader, images: torch.Tensor, labels: torch.Tensor,
+             cfg: Config, reporter: Reporter) -> tuple[judge.Verdict, float]:
     """The judge's final figures on the test split (clean, FGSM, PGD and the ensemble, each with its
     label, n and standard error) and the seconds they took to judge.
 
@@ -142,7 +143,6 @@ def _verdict(model: nn.Module, name: str, run: RunDir, test: DataLoader, cfg: Co
     PGD draws its random starts per batch."""
     protocol = judge.final_protocol(cfg.attack.eval, n_ensemble=cfg.eval.n_ensemble, seed=cfg.seed, batch=test.batch_size)
     weights = run.models()[name] / WEIGHTS
-    images, labels = (torch.cat(parts) for parts in zip(*test))
     saved = judgement.load(run.judgement(name), images)
     if saved is not None and saved.covers(protocol, judgement.file_digest(weights), images, labels) and saved.is_all_of(protocol, len(labels)):
         reporter.log(f"{name}: reused the judgement this run saved before ({saved.describe()})")

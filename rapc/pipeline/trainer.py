@@ -38,7 +38,6 @@ class RunData:
 
     train: DataLoader  # (image, label, dataset index); under torchrun, this rank's share
     val: DataLoader
-    test: DataLoader
     guard_batch: tuple[torch.Tensor, torch.Tensor]  # the FGSM overfitting guard's fixed training batch
     example: torch.Tensor  # up to 64 validation images on the device: traces for pruning, the shrink and MAC counts
 
@@ -54,9 +53,8 @@ class RunData:
         if train is None:
             train = loader(indexed, cfg.data.batch_size, shuffle=True, seed=cfg.seed, workers=workers, pin=pin)
         val = loader(head(splits.val, cfg.eval.n_val), cfg.data.eval_batch_size, shuffle=False, workers=workers, pin=pin)
-        test = test_loader(cfg, splits, device)
         guard_batch = next(iter(loader(splits.train, cfg.attack.train.guard.images, shuffle=False)))
-        return cls(train, val, test, guard_batch, next(iter(val))[0][:64].to(device))
+        return cls(train, val, guard_batch, next(iter(val))[0][:64].to(device))
 
 
 def test_loader(cfg: Config, splits: Splits, device: torch.device) -> DataLoader:
