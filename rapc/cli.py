@@ -70,8 +70,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _stdout() -> Console:
-    """Tables on stdout; piped into a file or a log they keep their columns instead of wrapping at 80."""
-    return Console(width=None if sys.stdout.isatty() else 160)
+    """Tables on stdout; piped into a file or a log they keep their columns instead of wrapping at 80,
+    and a line of prose stays one line, however long a path in it."""
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def _ratio(a: float, b: float) -> str:

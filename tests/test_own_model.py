@@ -1,7 +1,7 @@
 """`rapc compress --weights FILE`: a user's own plain-PyTorch CNN, defined in their own module and
 trained outside rapc (here: a few FGSM epochs on digits in the test itself), pruned from its
-weights file; export and bench run on the result. A file rapc must not or cannot load, and a start
-model that is not robust, are one `error:` line and exit code 2."""
+weights file. A file rapc must not or cannot load, and a start model that is not robust, are one
+`error:` line and exit code 2. Export and bench on such a run: the worked example, test_examples.py."""
 
 from __future__ import annotations
 
@@ -192,19 +192,6 @@ def test_the_start_check_is_kept_by_a_resume_from_before_the_first_admm_checkpoi
     assert result.exit_code == 0, result.output
     assert "start model:" not in result.output  # not judged again
     assert json.loads((out / "summary.json").read_text())["start_check"] == start
-
-
-def test_export_and_bench_run_on_a_run_of_the_users_own_model(user, pt_run):
-    folder, _ = user
-    out, proc = pt_run
-    assert proc.returncode == 0, proc.stderr
-    export = _rapc("export", str(out), "--n-check", "32", folder=folder)
-    assert export.returncode == 0, export.stderr
-    assert (out / "export" / "compressed.onnx").is_file()
-    bench = _rapc("bench", str(out), "--backends", "torch-eager,ort-cpu", "--batch-sizes", "1", "--n-eval", "40",
-                  "--n-ensemble", "10", "--n-square", "5", "--min-seconds", "0.05", folder=folder)  # Square itself: test_blackbox.py
-    assert bench.returncode == 0, bench.stderr
-    assert (out / "bench" / "bench.json").is_file()
 
 
 def test_a_safetensors_file_is_a_start_too(user):

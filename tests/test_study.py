@@ -27,9 +27,11 @@ from rapc.study.evaluation import judged
 from rapc.pipeline.parts import RunParts
 from rapc.study.rows import final_model, initial_shrunk
 
-TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1")
+# The judge's clean and PGD figures on the first 120 test images, the ensemble on 20: the attacks themselves are tested in
+# tests/test_judge.py.
+TINY = ("stages.pretrain.epochs=2", "stages.pretrain.clean_epochs=1", "stages.admm.epochs=1", "stages.retrain.epochs=1", "eval.n_test=120")
 QUICK = TimingPolicy(warmup=2, min_iters=5, min_seconds=0.05)
-N_ENSEMBLE = 20  # the ensemble on the first 20 test images: the attack itself is tested in tests/test_judge.py
+N_ENSEMBLE = 20
 OPTIONS = StudyOptions(ratios=(2.0,), schemes=("filter",), n_ensemble=N_ENSEMBLE, backends=("ort-cpu", "ort-cuda"), batch_sizes=(1, 8),
                        timing=QUICK)
 
