@@ -268,8 +268,8 @@ def measure(point: Point, reporter: Reporter) -> dict[str, Any]:
         "recipe": point.recipe.name, "description": point.recipe.description, "multiplier": point.multiplier, "seed": point.config.seed,
         "overrides": list(point.overrides), "epochs": point.epochs, "seconds": seconds, "judge_seconds": time.perf_counter() - judged,
         "resumed": resumed, "load_average": {"start": load, "end": os.getloadavg()[0]}, "torch_threads": torch.get_num_threads(),
-        "macs": {"dense": result.dense["macs"], "compressed": result.compressed["macs"]},
-        "mac_ratio": result.dense["macs"] / result.compressed["macs"],
+        "macs": {"dense": result.dense.macs, "compressed": result.compressed.macs},
+        "mac_ratio": result.dense.macs / result.compressed.macs,
         "clean": _attack(verdict, "clean"), "pgd": _attack(verdict, "pgd"), "ensemble": _attack(verdict, "ensemble"),
         "warnings": verdict["warnings"], "guard_stops": guard_stops, "judge": verdict, "config": point.config.model_dump(mode="json"),
     }

@@ -25,6 +25,7 @@ from rapc.study import ROWS, StudyOptions
 
 if TYPE_CHECKING:
     from rapc.pipeline.report import Summary
+    from rapc.results import ModelResult
 
 # Help texts read the registries and the study's defaults: a newly registered scheme, backend or
 # study row is listed by --help without an edit here.
@@ -81,20 +82,21 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def _table(dense: dict, compressed: dict, eps: float) -> Table:
+def _table(dense: ModelResult, compressed: ModelResult, eps: float) -> Table:
     """Dense beside compressed: size, then every figure of the judge with its attack, n and standard error."""
     table = Table(title="dense vs compressed (test split)")
     table.add_column("")
     for name in ("dense", "compressed", "ratio"):
         table.add_column(name, justify="right")
+    clean = (dense.judge.clean, compressed.judge.clean)
     rows = [
-        ("params", f"{dense['params']:,}", f"{compressed['params']:,}", _ratio(dense["params"], compressed["params"])),
-        ("MACs", f"{dense['macs']:,}", f"{compressed['macs']:,}", _ratio(dense["macs"], compressed["macs"])),
-        ("file", f"{dense['file_bytes'] / 1024:.0f} KiB", f"{compressed['file_bytes'] / 1024:.0f} KiB", _ratio(dense["file_bytes"], compressed["file_bytes"])),
-        (f"clean acc (n={dense['judge']['attacks'][0]['n']})", f"{dense['clean']:.2%}", f"{compressed['clean']:.2%}", ""),
-        *((f"{d['label']} (eps {eps:g}, n={d['n']})", f"{d['accuracy']:.2%} ± {d['stderr']:.1%}", f"{c['accuracy']:.2%} ± {c['stderr']:.1%}", "")
-          for d, c in zip(dense["judge"]["attacks"][1:], compressed["judge"]["attacks"][1:])),
-        ("zero weights", f"{dense['sparsity']:.1%}", f"{compressed['sparsity']:.1%}", ""),
+        ("params", f"{dense.params:,}", f"{compressed.params:,}", _ratio(dense.params, compressed.params)),
+        ("MACs", f"{dense.macs:,}", f"{compressed.macs:,}", _ratio(dense.macs, compressed.macs)),
+        ("file", f"{dense.file_bytes / 1024:.0f} KiB", f"{compressed.file_bytes / 1024:.0f} KiB", _ratio(dense.file_bytes, compressed.file_bytes)),
+        (f"clean acc (n={clean[0].n})", f"{clean[0].accuracy:.2%}", f"{clean[1].accuracy:.2%}", ""),
+        *((f"{d.label} (eps {eps:g}, n={d.n})", f"{d.accuracy:.2%} ± {d.stderr:.1%}", f"{c.accuracy:.2%} ± {c.stderr:.1%}", "")
+          for d, c in zip(dense.judge.attacks[1:], compressed.judge.attacks[1:])),
+        ("zero weights", f"{dense.sparsity:.1%}", f"{compressed.sparsity:.1%}", ""),
     ]
     for row in rows:
         table.add_row(*row)

@@ -50,6 +50,7 @@ from rapc.attacks import attack_batch
 from rapc.config import AttackConfig, rule_step
 from rapc.errors import RapcError, require
 from rapc.progress import Reporter, SilentReporter
+from rapc.results import AttackFigure, JudgeResult
 
 LEVELS = ("selection", "final", "full")
 MIN_RESTARTS = 2
@@ -171,14 +172,11 @@ class AttackResult:
 
     def describe(self) -> str:
         """``61.2% ± 1.5 (PGD-20x2 step 0.0375, n=1000)``"""
-        return f"{self.accuracy:.1%} ± {self.stderr:.1%} ({self.label}, n={self.n})"
+        return self.figure().describe()
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "label": self.label, "n": self.n, "accuracy": self.accuracy, "stderr": self.stderr,
-               "seconds": self.seconds}
-        if self.details:
-            out["broken_by"] = dict(self.details)
-        return out
+    def figure(self) -> AttackFigure:
+        """What JSON keeps of this result: the accuracy, its standard error and label, not the images."""
+        return AttackFigure(self.name, self.label, self.n, self.accuracy, self.stderr, self.seconds, dict(self.details))
 
 
 @dataclass
@@ -237,15 +235,14 @@ class Verdict:
         return f"clean {self.clean.accuracy:.1%} (n={self.clean.n}); " + "; ".join(
             r.describe() for r in self.results if r.name != "clean")
 
+    def result(self) -> JudgeResult:
+        """Every figure with its label, n and standard error; no tensors."""
+        return JudgeResult(dict(self.protocol), tuple(r.figure() for r in self.results), self.worst_case(), self.worst_case_label(),
+                           self.zero_gradients, tuple(self.warnings))
+
     def to_dict(self) -> dict[str, Any]:
-        """For JSON: every figure with its label, n and standard error; no tensors."""
-        strongest = self.robust
-        return {
-            "protocol": dict(self.protocol), "clean": self.clean.accuracy,
-            "robust": {k: v for k, v in strongest.to_dict().items() if k in ("name", "label", "n", "accuracy", "stderr")},
-            "attacks": [r.to_dict() for r in self.results], "worst_case": self.worst_case(), "worst_case_label": self.worst_case_label(),
-            "zero_gradients": self.zero_gradients, "warnings": list(self.warnings),
-        }
+        """For JSON (:meth:`JudgeResult.to_json`)."""
+        return self.result().to_json()
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors, numbers and strings only, so it loads with ``torch.load(weights_only=True)``."""

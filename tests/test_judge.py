@@ -19,6 +19,7 @@ from rapc.judge import (
     selection_protocol,
 )
 from rapc.modelio import load_model
+from rapc.results import JudgeResult, ModelResult
 
 EPS = 0.1
 
@@ -134,6 +135,19 @@ def test_every_figure_carries_its_label_n_and_standard_error(final_verdict, digi
     assert out["robust"]["label"] == labels["ensemble"] and out["robust"]["n"] == 360
     assert out["protocol"]["steps"] == 10 and out["protocol"]["restarts"] == 2
     assert "PGD-10x2 step 0.025, n=360" in final_verdict.summary() and " ± " in final_verdict.summary()
+
+
+def test_a_verdicts_figures_come_back_from_json_as_they_were_judged(final_verdict):
+    result = JudgeResult.from_json(json.loads(json.dumps(final_verdict.to_dict())))
+    assert result == final_verdict.result()
+    assert result.robust.describe() == final_verdict.robust.describe() and result["pgd"].accuracy == final_verdict["pgd"].accuracy
+    assert result.clean.n == 360 and result.worst_case == final_verdict.worst_case()
+
+
+def test_a_summary_from_before_the_per_attack_figures_is_refused_with_what_to_run():
+    old = {"params": 10, "macs": 20, "sparsity": 0.0, "file_bytes": 30, "clean": 0.9, "robust": 0.5}
+    with pytest.raises(RapcError, match=r"runs/x/summary.json was written before the judge's per-attack figures; `rapc report RUN`"):
+        ModelResult.from_json(old, "runs/x/summary.json")
 
 
 def test_the_ensemble_can_be_capped_to_the_first_n_images(robust_lenet, digits_batch):

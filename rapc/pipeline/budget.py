@@ -22,6 +22,7 @@ from rapc.pipeline.allocation_plot import plot_sensitivity
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.sensitivity import sensitivity
 from rapc.progress import Reporter
+from rapc.results import ModelResult
 from rapc.rundir import RunDir, RunPaths, atomic_write
 
 # How a latency target is measured: (backend name, batch, image shape) -> the cost of a model in ms.
@@ -80,12 +81,12 @@ def _solve(cfg: Config, model: nn.Module, splits: Splits, example: torch.Tensor,
     return record
 
 
-def budget_report(allocation: Allocation, dense: dict, compressed: dict) -> dict:
+def budget_report(allocation: Allocation, dense: ModelResult, compressed: ModelResult) -> dict:
     """Target vs achieved for the summary. MACs and params are counted again on the final models
     (ADMM keeps the allocated widths, so they match the solve); latency is the solve's own
     measurement, to be confirmed by `rapc bench` on the served model."""
     metric = allocation.metric
-    achieved = compressed[metric] / dense[metric] if metric in ("macs", "params") else allocation.achieved
+    achieved = compressed.size(metric) / dense.size(metric) if metric in ("macs", "params") else allocation.achieved
     return {"metric": metric, "target": allocation.target, "achieved": achieved, "method": allocation.method,
             "reason": allocation.reason, "ratios": allocation.ratios, "round_to": allocation.round_to,
             "measured": "on the final models" if metric in ("macs", "params") else "by the allocator before training"}

@@ -28,6 +28,7 @@ from rapc.pipeline.admm import unconverged
 from rapc.pipeline.budget import budget_report, saved_allocation
 from rapc.pipeline.trainer import test_loader
 from rapc.progress import Reporter, SilentReporter
+from rapc.results import ModelResult
 from rapc.rundir import RunDir, open_run
 
 
@@ -54,8 +55,8 @@ class Summary:
     """A finished run's result, as summary.json holds it."""
 
     run: Path
-    dense: dict[str, Any]  # size (measure.summary), file_bytes, clean / pgd / robust and the judge's verdict (Verdict.to_dict)
-    compressed: dict[str, Any]
+    dense: ModelResult
+    compressed: ModelResult
     trained: Trained
     warnings: list[str]  # an unconverged ADMM's, then the judge's gradient-masking warnings
     budget: dict[str, Any] | None = None  # with pruning.target: target vs achieved (budget_report)
@@ -76,13 +77,14 @@ class Summary:
         return self.trained.baseline
 
     def to_json(self) -> dict[str, Any]:
-        return {"dense": self.dense, "compressed": self.compressed, **self.trained.to_json(), "warnings": self.warnings,
+        return {"dense": self.dense.to_json(), "compressed": self.compressed.to_json(), **self.trained.to_json(), "warnings": self.warnings,
                 "budget": self.budget, "seconds": self.seconds, "start_check": self.start_check}
 
     @classmethod
     def from_json(cls, run: Path, data: dict[str, Any], finished_before: bool = False) -> Summary:
-        return cls(run, data["dense"], data["compressed"], Trained.from_json(data), data["warnings"], data.get("budget"),
-                   data.get("seconds"), data.get("start_check"), finished_before)
+        what = str(run / "summary.json")
+        return cls(run, ModelResult.from_json(data["dense"], what), ModelResult.from_json(data["compressed"], what), Trained.from_json(data),
+                   data["warnings"], data.get("budget"), data.get("seconds"), data.get("start_check"), finished_before)
 
 
 def finished(out: str | Path) -> Summary | None:
@@ -115,12 +117,9 @@ def report(out: str | Path, reporter: Reporter | None = None, n_ensemble: int | 
         model = load_model(directory, allow_import=cfg.model.allow_import).to(device)
         verdict, judged_in = _verdict(model, name, run, test, images, labels, cfg, reporter)
         seconds += judged_in
-        figures[name] = summary(model, example) | {
-            "file_bytes": (directory / WEIGHTS).stat().st_size, "clean": verdict.clean.accuracy, "pgd": verdict["pgd"].accuracy,
-            "robust": verdict.robust.accuracy, "judge": verdict.to_dict(),
-        }
+        figures[name] = ModelResult(**summary(model, example), file_bytes=(directory / WEIGHTS).stat().st_size, judge=verdict.result())
     records = run.records()
-    warnings = [f"{name}: {w}" for name, f in figures.items() for w in f["judge"]["warnings"]]
+    warnings = [f"{name}: {w}" for name, f in figures.items() for w in f.judge.warnings]
     if warning := admm_warning(records):
         warnings.insert(0, f"compressed: {warning}")
     allocation = saved_allocation(run)

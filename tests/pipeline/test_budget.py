@@ -60,7 +60,7 @@ def test_a_latency_target_needs_a_latency_measurement():
 
 def test_a_params_target_is_met_through_the_whole_pipeline(digits_cfg, tmp_path):
     result = compress(_short(digits_cfg, params=0.25), tmp_path / "run")
-    kept = result.compressed["params"] / result.dense["params"]
+    kept = result.compressed.params / result.dense.params
     assert abs(kept / 0.25 - 1) <= 0.02, kept
     assert result.budget["metric"] == "params" and result.budget["achieved"] == kept and result.budget["method"] == "uniform"  # the default
     assert load_model(result.run).state_dict().keys() == load_model(result.run / "dense").state_dict().keys()
@@ -74,4 +74,4 @@ def test_a_latency_target_is_solved_on_a_bench_backend_and_reported(digits_cfg, 
     budget = result.budget
     assert budget["metric"] == "latency" and budget["measured"] == "by the allocator before training"
     assert budget["reason"] is not None or abs(budget["achieved"] / 0.5 - 1) <= 0.1, budget
-    assert result.compressed["macs"] < result.dense["macs"]
+    assert result.compressed.macs < result.dense.macs

@@ -66,7 +66,7 @@ def test_report_reuses_verdicts_that_are_what_it_asks_with_the_seconds_they_took
 
     monkeypatch.setattr("rapc.judge.judge_loader", fail)
     result = report(run)
-    assert (result.dense, result.compressed, result.warnings) == (before["dense"], before["compressed"], before["warnings"])
+    assert (result.dense.to_json(), result.compressed.to_json(), result.warnings) == (before["dense"], before["compressed"], before["warnings"])
     saved = sum(a["seconds"] for name in ("dense", "compressed") for a in before[name]["judge"]["attacks"])
     assert result.seconds["final judge"] == pytest.approx(saved)
 
