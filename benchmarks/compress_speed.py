@@ -69,7 +69,7 @@ from rapc.pipeline.loop import Hooks, Step, make_optimizer, make_schedule, train
 from rapc.pipeline.masks import hard_prune
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.shrink import shrink
-from rapc.pipeline.speed import training_module
+from rapc.pipeline.training_module import training_module
 from rapc.pipeline.trainer import RunData
 from rapc.progress import RichReporter
 from rapc.tables import Table

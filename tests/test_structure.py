@@ -77,3 +77,27 @@ def _calls(module: str, name: str) -> int:
 def test_only_the_builder_constructs_a_trainer():
     """compress and every study row build their runs one way (rapc.pipeline.parts): seeded, in the same order."""
     assert [m for m in _modules() if _calls(m, "Trainer")] == ["rapc.pipeline.parts"]
+
+
+# Keys inside the judge's JSON (summary.json's models, a study row's verdict): rapc/results.py reads and
+# writes them, everything else asks its types. judgement.py's own safetensors header has an "attacks"
+# list; bench.json is still read by its keys in bench/report.py, until the bench report is typed.
+JUDGE_JSON_KEYS = {"attacks", "worst_case", "worst_case_label", "broken_by", "file_bytes"}
+JUDGE_JSON_OWNERS = {"rapc.results", "rapc.judgement", "rapc.bench.report"}
+
+
+def _string_keys(module: str) -> set[str]:
+    """String constants ``module`` indexes with (``x["key"]``) or looks up (``x.get("key")``)."""
+    keys = set()
+    for node in ast.walk(_tree(module)):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            keys.add(node.slice.value)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            keys.add(node.args[0].value)
+    return keys
+
+
+@pytest.mark.parametrize("module", sorted(set(_modules()) - JUDGE_JSON_OWNERS))
+def test_the_judges_json_is_read_through_its_types(module):
+    assert not _string_keys(module) & JUDGE_JSON_KEYS, f"{module} reads the judge's JSON by its keys; use rapc.results"

@@ -24,13 +24,13 @@ from rapc.pipeline.distill import distillation
 from rapc.pipeline.distributed import Ranks, env_rank, session
 from rapc.pipeline.loop import Hooks
 from rapc.pipeline.masks import hard_prune
+from rapc.pipeline.parts import RunParts
 from rapc.pipeline.projection import Projector
 from rapc.pipeline.report import Summary, Trained, admm_warning, finished, report
 from rapc.pipeline.shrink import shrink
-from rapc.pipeline.speed import training_module
-from rapc.pipeline.start import check_start, check_start_from, given_model, load_start
-from rapc.pipeline.parts import RunParts
+from rapc.pipeline.start_model import check_start, check_start_from, given_model, load_start
 from rapc.pipeline.trainer import Trainer
+from rapc.pipeline.training_module import training_module
 from rapc.progress import Reporter, SilentReporter
 from rapc.rundir import ReadOnlyRunDir, RunDir, open_run
 

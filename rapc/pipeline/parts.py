@@ -20,8 +20,8 @@ from rapc.data import Splits, load_data
 from rapc.device import resolve_device, seed_everything
 from rapc.modelio import Architecture, load_model
 from rapc.pipeline.distributed import Ranks
-from rapc.pipeline.speed import training_module
 from rapc.pipeline.trainer import RunData, Trainer
+from rapc.pipeline.training_module import training_module
 from rapc.progress import Reporter
 from rapc.rundir import RunDir
 

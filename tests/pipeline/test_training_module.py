@@ -8,7 +8,7 @@ from rapc.data import loader
 from rapc.modelio import Architecture
 from rapc.pipeline.distributed import Ranks
 from rapc.pipeline.loop import Step, make_optimizer, make_schedule, train_epoch
-from rapc.pipeline.speed import training_module
+from rapc.pipeline.training_module import training_module
 
 
 def _one_step(cfg, digits, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
