@@ -79,11 +79,11 @@ def test_only_the_builder_constructs_a_trainer():
     assert [m for m in _modules() if _calls(m, "Trainer")] == ["rapc.pipeline.parts"]
 
 
-# Keys inside the judge's JSON (summary.json's models, a study row's verdict): rapc/results.py reads and
-# writes them, everything else asks its types. judgement.py's own safetensors header has an "attacks"
-# list; bench.json is still read by its keys in bench/report.py, until the bench report is typed.
+# Keys inside the judge's JSON (summary.json's models, a study row's or bench.json's verdicts):
+# rapc/results.py reads and writes them, everything else asks its types. judgement.py's own
+# safetensors header has an "attacks" list of its own.
 JUDGE_JSON_KEYS = {"attacks", "worst_case", "worst_case_label", "broken_by", "file_bytes"}
-JUDGE_JSON_OWNERS = {"rapc.results", "rapc.judgement", "rapc.bench.report"}
+JUDGE_JSON_OWNERS = {"rapc.results", "rapc.judgement"}
 
 
 def _string_keys(module: str) -> set[str]:

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from rapc.results import JudgeResult
 from rapc.rundir import atomic_write
 from rapc.tables import Table
 
@@ -36,9 +37,9 @@ def _models(report: dict[str, Any]) -> Table:
     return Table("Models", ("", "dense", "compressed", "dense / compressed"), rows)
 
 
-def _with_error(attack: dict[str, Any]) -> str:
+def _with_error(accuracy: float, stderr: float) -> str:
     """``61.2% ± 1.5``: the accuracy and its standard error sqrt(p(1-p)/n)."""
-    return f"{attack['accuracy']:.1%} ± {attack['stderr']:.1%}"
+    return f"{accuracy:.1%} ± {stderr:.1%}"
 
 
 def _stderr(p: float, n: int) -> float:
@@ -48,17 +49,23 @@ def _stderr(p: float, n: int) -> float:
 
 def _with_error_of(p: float | None, n: int) -> str:
     """:func:`_with_error` for a figure of n images that the report keeps without its standard error."""
-    return "-" if p is None else _with_error({"accuracy": p, "stderr": _stderr(p, n)})
+    return "-" if p is None else _with_error(p, _stderr(p, n))
+
+
+def _verdicts(report: dict[str, Any]) -> tuple[JudgeResult, JudgeResult]:
+    """The dense and compressed models' verdicts on PyTorch, as bench.json keeps them."""
+    return JudgeResult.from_json(report["robustness"]["dense"]), JudgeResult.from_json(report["robustness"]["compressed"])
 
 
 def _accuracy(report: dict[str, Any]) -> Table:
     """Every figure with its n and standard error, named by attack; each attack's label in the legend
     (an ensemble's label repeats PGD's: as a column it pushed the figures off an 80-column terminal)."""
-    dense, compressed = report["robustness"]["dense"], report["robustness"]["compressed"]
-    rows = [(a["name"], str(a["n"]), _with_error(a), _with_error(b)) for a, b in zip(dense["attacks"], compressed["attacks"])]
-    n = min(a["n"] for a in dense["attacks"])
-    rows.append(("all", str(n), _with_error_of(dense["worst_case"], n), _with_error_of(compressed["worst_case"], n)))
-    legend = "; ".join(f"{a['name']}: {a['label']}" for a in dense["attacks"] if a["name"] != "clean")
+    dense, compressed = _verdicts(report)
+    rows = [(a.name, str(a.n), _with_error(a.accuracy, a.stderr), _with_error(b.accuracy, b.stderr))
+            for a, b in zip(dense.attacks, compressed.attacks)]
+    n = min(a.n for a in dense.attacks)
+    rows.append(("all", str(n), _with_error_of(dense.worst_case, n), _with_error_of(compressed.worst_case, n)))
+    legend = "; ".join(f"{a.name}: {a.label}" for a in dense.attacks if a.name != "clean")
     legend += "; all: the worst case per image over every attack above."
     eps = report["judge"]["eps"]
     return Table(f"Accuracy on PyTorch (fp32), L-inf eps {eps:g}, {report['n_eval']} test images (± standard error)",
@@ -70,20 +77,20 @@ def _replay(report: dict[str, Any]) -> Table | None:
     so that it fits a terminal; each attack's label and n, and the largest standard error, in the legend."""
     if not report["replay"]:
         return None
-    attacks = report["robustness"]["dense"]["attacks"]
-    n_all = min(a["n"] for a in attacks)
+    attacks = _verdicts(report)[0].attacks
+    n_all = min(a.n for a in attacks)
     rows, errors = [], [0.0]
     for key, entry in report["replay"].items():
         if "accuracy" in entry:
-            figures = [(entry["accuracy"].get(a["name"]), a["n"]) for a in attacks] + [(entry["accuracy"]["all"], n_all)]
+            figures = [(entry["accuracy"].get(a.name), a.n) for a in attacks] + [(entry["accuracy"]["all"], n_all)]
             rows.append((key, entry.get("backend", entry["runtime"].split(":")[0]), *(_pct(p) for p, _ in figures)))
             errors += [_stderr(p, n) for p, n in figures if p is not None]
         else:
             rows.append((key, f"not run: {entry['not_run']}", *("" for _ in attacks), ""))
-    legend = "; ".join(f"{a['name']}: {a['label']}, n={a['n']}" for a in attacks if a["name"] != "clean")
+    legend = "; ".join(f"{a.name}: {a.label}, n={a.n}" for a in attacks if a.name != "clean")
     legend += f"; all: the worst case per image over every attack. Standard errors at most {max(errors):.1%}."
     return Table("The PyTorch adversarial images replayed on each exported artifact",
-                 ("artifact", "runs on", *(a["name"] for a in attacks), "all"), rows, label_columns=2, legend=legend)
+                 ("artifact", "runs on", *(a.name for a in attacks), "all"), rows, label_columns=2, legend=legend)
 
 
 def _deployed(report: dict[str, Any]) -> Table | None:
@@ -101,7 +108,7 @@ def _deployed(report: dict[str, Any]) -> Table | None:
             continue
         square = e["square"]
         rows.append((e["artifact"], e["backend"], _pct(e["clean"]["accuracy"]), _pct(e["replay"]["accuracy"]),
-                     _pct(square["accuracy"]) if square else "-", _with_error(e["deployed"]), _pct(e["pytorch"]["accuracy"])))
+                     _pct(square["accuracy"]) if square else "-", _with_error(e["deployed"]["accuracy"], e["deployed"]["stderr"]), _pct(e["pytorch"]["accuracy"])))
     ns = sorted({e["n"] for e in measured})
     squares = sorted({e["square"]["label"].split(" on ")[0] for e in measured if e["square"]})
     eps = report["judge"]["eps"]
@@ -110,7 +117,7 @@ def _deployed(report: dict[str, Any]) -> Table | None:
               + (f"Square: {', '.join(squares)} through the runtime (black-box, only its outputs). " if squares else
                  "Square: not run (--no-square). ")
               + "deployed: worst case per image of replay and Square, ± standard error. PyTorch: what the white-box attacks "
-              f"left on the fp32 PyTorch model on the same images ({report['worst_case_label'].rsplit(', n=', 1)[0]}).")
+              f"left on the fp32 PyTorch model on the same images ({_verdicts(report)[0].worst_case_label.rsplit(', n=', 1)[0]}).")
     if not_run:
         legend += " Not run: " + "; ".join(not_run) + "."
     return Table("Deployed robust accuracy (each file attacked on its runtime)",
