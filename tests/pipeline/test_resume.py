@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from rapc.cli import main
+from rapc.modelio import ARCHITECTURE, WEIGHTS
 from rapc.rundir import CHECKPOINT_FORMAT
 
 # Short stages, a checkpoint every 4 steps (digits: ~20 steps an epoch), a light evaluation: the final
@@ -96,11 +97,16 @@ def _checkpoint(run: Path, stage: str) -> dict:
 
 
 def _assert_no_partial_files(run: Path) -> None:
-    """A kill may leave a temporary file beside a checkpoint, never in place of one; every checkpoint loads."""
+    """A kill may leave a temporary file, never a partial one in place: every checkpoint loads, and every
+    model directory with its architecture record (written last: a resume counts the model as saved only
+    then) has whole weights. A temporary file beside no file is a first write cut short: a first
+    checkpoint, or the weights of a model not yet recorded."""
     for tmp in run.rglob(".*.tmp"):
-        assert (tmp.parent / tmp.name[1:].removesuffix(".tmp")).is_file(), tmp
+        assert (tmp.parent / tmp.name[1:].removesuffix(".tmp")).is_file() or not (tmp.parent / ARCHITECTURE).is_file(), tmp
     for checkpoint in (run / "checkpoints").glob("*.pt"):
         _checkpoint(run, checkpoint.stem)
+    for record in run.glob(f"*/{ARCHITECTURE}"):
+        load_file(record.parent / WEIGHTS)
 
 
 def _metrics(run: Path) -> list[dict]:
