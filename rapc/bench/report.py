@@ -57,10 +57,9 @@ def _verdicts(report: dict[str, Any]) -> tuple[JudgeResult, JudgeResult]:
     return JudgeResult.from_json(report["robustness"]["dense"]), JudgeResult.from_json(report["robustness"]["compressed"])
 
 
-def _accuracy(report: dict[str, Any]) -> Table:
+def _accuracy(report: dict[str, Any], dense: JudgeResult, compressed: JudgeResult) -> Table:
     """Every figure with its n and standard error, named by attack; each attack's label in the legend
     (an ensemble's label repeats PGD's: as a column it pushed the figures off an 80-column terminal)."""
-    dense, compressed = _verdicts(report)
     rows = [(a.name, str(a.n), _with_error(a.accuracy, a.stderr), _with_error(b.accuracy, b.stderr))
             for a, b in zip(dense.attacks, compressed.attacks)]
     n = min(a.n for a in dense.attacks)
@@ -72,12 +71,12 @@ def _accuracy(report: dict[str, Any]) -> Table:
                  ("attack", "n", "dense", "compressed"), rows, legend=legend)
 
 
-def _replay(report: dict[str, Any]) -> Table | None:
+def _replay(report: dict[str, Any], dense: JudgeResult) -> Table | None:
     """Each file's accuracy on the PyTorch model's adversarial images: short columns named by attack,
     so that it fits a terminal; each attack's label and n, and the largest standard error, in the legend."""
     if not report["replay"]:
         return None
-    attacks = _verdicts(report)[0].attacks
+    attacks = dense.attacks
     n_all = min(a.n for a in attacks)
     rows, errors = [], [0.0]
     for key, entry in report["replay"].items():
@@ -93,7 +92,7 @@ def _replay(report: dict[str, Any]) -> Table | None:
                  ("artifact", "runs on", *(a.name for a in attacks), "all"), rows, label_columns=2, legend=legend)
 
 
-def _deployed(report: dict[str, Any]) -> Table | None:
+def _deployed(report: dict[str, Any], dense: JudgeResult) -> Table | None:
     """Per exported file and runtime: clean, replay, Square and their worst case, beside PyTorch's
     figure, all on the same images; short columns (it fits 80 characters) with a legend."""
     entries = report.get("deployed") or {}
@@ -108,7 +107,8 @@ def _deployed(report: dict[str, Any]) -> Table | None:
             continue
         square = e["square"]
         rows.append((e["artifact"], e["backend"], _pct(e["clean"]["accuracy"]), _pct(e["replay"]["accuracy"]),
-                     _pct(square["accuracy"]) if square else "-", _with_error(e["deployed"]["accuracy"], e["deployed"]["stderr"]), _pct(e["pytorch"]["accuracy"])))
+                     _pct(square["accuracy"]) if square else "-", _with_error(e["deployed"]["accuracy"], e["deployed"]["stderr"]),
+                     _pct(e["pytorch"]["accuracy"])))
     ns = sorted({e["n"] for e in measured})
     squares = sorted({e["square"]["label"].split(" on ")[0] for e in measured if e["square"]})
     eps = report["judge"]["eps"]
@@ -117,7 +117,7 @@ def _deployed(report: dict[str, Any]) -> Table | None:
               + (f"Square: {', '.join(squares)} through the runtime (black-box, only its outputs). " if squares else
                  "Square: not run (--no-square). ")
               + "deployed: worst case per image of replay and Square, ± standard error. PyTorch: what the white-box attacks "
-              f"left on the fp32 PyTorch model on the same images ({_verdicts(report)[0].worst_case_label.rsplit(', n=', 1)[0]}).")
+              f"left on the fp32 PyTorch model on the same images ({dense.worst_case_label.rsplit(', n=', 1)[0]}).")
     if not_run:
         legend += " Not run: " + "; ".join(not_run) + "."
     return Table("Deployed robust accuracy (each file attacked on its runtime)",
@@ -172,8 +172,9 @@ def skipped_lines(skipped: dict[str, str]) -> list[str]:
 
 
 def tables(report: dict[str, Any]) -> list[Table]:
-    return [t for t in (_models(report), _accuracy(report), _replay(report), _deployed(report), _speedup(report), _latency(report),
-                        _layers(report)) if t]
+    dense, compressed = _verdicts(report)
+    return [t for t in (_models(report), _accuracy(report, dense, compressed), _replay(report, dense), _deployed(report, dense),
+                        _speedup(report), _latency(report), _layers(report)) if t]
 
 
 def _markdown_report(report: dict[str, Any]) -> str:
